@@ -1,0 +1,1 @@
+"""vlm: a small, correct trainer for vision-language models."""

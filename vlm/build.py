@@ -1,0 +1,68 @@
+"""Factories: from a resolved Hydra config to tokenizer, model, processor and datasets.
+
+Build order follows the dependencies: datasets (their text trains a local tokenizer) ->
+tokenizer -> model (needs vocabulary and special ids) -> processor (needs tokens per image).
+"""
+
+from dataclasses import dataclass
+
+import timm
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from vlm.config import typed_section
+from vlm.data.chat_format import ChatFormat
+from vlm.data.datasets import DataConfig, build_dataset, dataset_schema
+from vlm.data.processing import ImageTransform, SampleProcessor
+from vlm.data.tokenizer import build_tokenizer
+from vlm.models.vision_language_model import ModelConfig, TokenIds, VisionLanguageModel
+
+
+@dataclass
+class Components:
+    tokenizer: PreTrainedTokenizerBase
+    model: VisionLanguageModel
+    processor: SampleProcessor
+    train_set: Dataset
+    val_set: Dataset
+
+
+def data_config(cfg: DictConfig) -> DataConfig:
+    data = typed_section(cfg.data, DataConfig, "data")
+    data.dataset = typed_section(cfg.data.dataset, dataset_schema(cfg.data.dataset.name), "data.dataset")
+    return data
+
+
+def token_ids_for(tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, image_token: str) -> TokenIds:
+    return TokenIds(
+        image=tokenizer.convert_tokens_to_ids(image_token),
+        pad=tokenizer.pad_token_id,
+        stop=chat_format.stop_token_id,
+        vocab_size=len(tokenizer),
+    )
+
+
+def build_processor(model: VisionLanguageModel, chat_format: ChatFormat, data: DataConfig) -> SampleProcessor:
+    stats = timm.data.resolve_model_data_config(model.vision.backbone)
+    transform = ImageTransform(model.cfg.vision.image_size, stats["mean"], stats["std"])
+    return SampleProcessor(chat_format, transform, data.max_length, model.token_ids.image, model.tokens_per_image)
+
+
+def build_model_and_processor(
+    cfg: DictConfig, data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[VisionLanguageModel, SampleProcessor]:
+    model_cfg = typed_section(cfg.model, ModelConfig, "model")
+    chat_format = ChatFormat(data.chat, tokenizer)
+    model = VisionLanguageModel(model_cfg, token_ids_for(tokenizer, chat_format, data.tokenizer.image_token))
+    return model, build_processor(model, chat_format, data)
+
+
+def build_components(cfg: DictConfig) -> Components:
+    data = data_config(cfg)
+    image_size = cfg.model.vision.image_size
+    train_set = build_dataset(data.dataset, "train", image_size)
+    val_set = build_dataset(data.dataset, "val", image_size)
+    tokenizer = build_tokenizer(data.tokenizer, train_set.corpus(), data.chat.special_tokens)
+    model, processor = build_model_and_processor(cfg, data, tokenizer)
+    return Components(tokenizer, model, processor, train_set, val_set)

@@ -1,0 +1,90 @@
+"""Chat format: renders a conversation into token ids and labels, the same way for training and generation.
+
+A conversation is rendered as segments of three kinds, each tokenized on its own:
+- template text (BOS, role headers, end-of-turn): special tokens in it are recognised;
+- user/assistant text: special tokens are split into plain text, so a user who types "<image>"
+  gets the characters, never a placeholder;
+- images: a run of `tokens_per_image` image-token ids.
+Training and generation both go through `encode`, so BOS and headers can never differ between them.
+"""
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label value cross-entropy skips
+
+
+@dataclass
+class ChatFormatConfig:
+    bos: str = "auto"  # "auto": the tokenizer's bos_token if it has one; "" for none; or a literal string
+    role_headers: dict[str, str] = field(
+        default_factory=lambda: {
+            "system": "<|im_start|>system\n",
+            "user": "<|im_start|>user\n",
+            "assistant": "<|im_start|>assistant\n",
+        }
+    )
+    end_of_turn: str = "<|im_end|>"  # supervised after each answer: the model learns to stop
+    turn_separator: str = "\n"  # template text after end_of_turn, not supervised
+    special_tokens: list[str] = field(default_factory=lambda: ["<|im_start|>", "<|im_end|>"])
+
+
+class ChatFormat:
+    def __init__(self, cfg: ChatFormatConfig, tokenizer: PreTrainedTokenizerBase):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.bos = (tokenizer.bos_token or "") if cfg.bos == "auto" else cfg.bos
+        self.end_of_turn_ids = self._template(cfg.end_of_turn)
+        if not self.end_of_turn_ids:
+            raise ValueError("data.chat.end_of_turn must not be empty: generation needs a token to stop on")
+
+    @property
+    def stop_token_id(self) -> int:
+        return self.end_of_turn_ids[0]
+
+    @lru_cache(maxsize=None)
+    def _template_cached(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _template(self, text: str) -> list[int]:
+        return list(self._template_cached(text)) if text else []
+
+    def _content(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _message_body(self, content: Any, image_run: list[int]) -> list[int]:
+        """A message's content: a string, or a list of {"type": "text"|"image"} parts."""
+        if isinstance(content, str):
+            return self._content(content)
+        ids: list[int] = []
+        for part in content:
+            ids += image_run if part["type"] == "image" else self._content(part["text"])
+        return ids
+
+    def encode(
+        self, messages: list[dict], image_run: list[int], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels; labels keep only assistant text and its end-of-turn tokens.
+
+        `image_run` is the placeholder ids one image expands to (image token x tokens per image).
+        """
+        ids, labels = self._template(self.bos), []
+        labels += [IGNORE_INDEX] * len(ids)
+        for message in messages:
+            header = self._template(self.cfg.role_headers[message["role"]])
+            body = self._message_body(message["content"], image_run)
+            tail = self.end_of_turn_ids
+            sep = self._template(self.cfg.turn_separator)
+            supervised = message["role"] == "assistant"
+            ids += header + body + tail + sep
+            labels += [IGNORE_INDEX] * len(header)
+            labels += (body + tail) if supervised else [IGNORE_INDEX] * (len(body) + len(tail))
+            labels += [IGNORE_INDEX] * len(sep)
+        if add_generation_prompt:
+            header = self._template(self.cfg.role_headers["assistant"])
+            ids += header
+            labels += [IGNORE_INDEX] * len(header)
+        return ids, labels

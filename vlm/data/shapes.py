@@ -1,0 +1,149 @@
+"""Shapes VQA: a procedurally generated visual question-answering dataset, deterministic by seed.
+
+Each image is a 2x2 grid of cells, each empty or holding one coloured shape. Four question kinds:
+colour, shape, count and position, each with answers drawn uniformly so no answer dominates.
+Sample i of a split is generated from (seed, i) alone, so the dataset needs no storage and any
+index can be regenerated. Train and validation cannot overlap: a hash of the discrete scene and
+question (not the pixel jitter) decides which split may use it, and each split redraws until
+it gets one of its own.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 200),
+    "orange": (250, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+CELLS = ("top left", "top right", "bottom left", "bottom right")
+COUNT_WORDS = ("one", "two", "three", "four")
+KINDS = ("colour", "shape", "count", "position")
+
+
+@dataclass
+class ShapesConfig:
+    name: str = "shapes"
+    train_size: int = 20000
+    val_size: int = 1000
+    seed: int = 0
+    val_fraction: float = 0.1  # share of discrete (scene, question) space reserved for validation
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple  # ((cell, shape, colour), ...)
+    question: str
+    answer: str
+    kind: str
+
+    def key(self) -> str:
+        return f"{sorted(self.objects)}|{self.question}"
+
+
+def _others(rng: np.random.Generator, options, exclude) -> str:
+    return str(rng.choice([o for o in options if o != exclude]))
+
+
+def draw_scene(rng: np.random.Generator) -> Scene:
+    """Pick a question kind and a uniformly drawn answer, then build a scene that makes it true."""
+    kind = KINDS[rng.integers(len(KINDS))]
+    cells = list(rng.permutation(len(CELLS)))
+    colours, shapes = list(COLOURS), list(SHAPES)
+    if kind == "count":
+        shape, k = str(rng.choice(shapes)), int(rng.integers(1, 5))
+        extra = int(rng.integers(0, 4 - k + 1))
+        objects = [(c, shape, str(rng.choice(colours))) for c in cells[:k]]
+        objects += [(c, _others(rng, shapes, shape), str(rng.choice(colours))) for c in cells[k : k + extra]]
+        return Scene(tuple(objects), f"How many {shape}s are there?", COUNT_WORDS[k - 1], kind)
+    target = (cells[0], str(rng.choice(shapes)), str(rng.choice(colours)))
+    n_extra = int(rng.integers(0, 4))
+    _, shape, colour = target
+    extra = []
+    for c in cells[1 : 1 + n_extra]:
+        if kind == "colour":  # the asked shape must be unique
+            extra.append((c, _others(rng, shapes, shape), str(rng.choice(colours))))
+        elif kind == "shape":  # the asked colour must be unique
+            extra.append((c, str(rng.choice(shapes)), _others(rng, colours, colour)))
+        else:  # position: the asked (colour, shape) pair must be unique
+            other_shape = str(rng.choice(shapes))
+            other_colour = _others(rng, colours, colour) if other_shape == shape else str(rng.choice(colours))
+            extra.append((c, other_shape, other_colour))
+    objects = (target, *extra)
+    if kind == "colour":
+        return Scene(objects, f"What colour is the {shape}?", colour, kind)
+    if kind == "shape":
+        return Scene(objects, f"What shape is the {colour} object?", shape, kind)
+    return Scene(objects, f"Where is the {colour} {shape}?", CELLS[target[0]], kind)
+
+
+def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw the scene as an HxWx3 uint8 array; shapes get a small random size and offset in their cell."""
+    image = Image.new("RGB", (size, size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    for cell, shape, colour in scene.objects:
+        side = int(half * rng.uniform(0.55, 0.8))
+        x0 = (cell % 2) * half + int(rng.integers(0, half - side + 1))
+        y0 = (cell // 2) * half + int(rng.integers(0, half - side + 1))
+        box = (x0, y0, x0 + side - 1, y0 + side - 1)
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + side / 2, y0), (x0, y0 + side - 1), (x0 + side - 1, y0 + side - 1)], fill=fill)
+    return np.asarray(image)
+
+
+def in_validation_space(scene: Scene, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(scene.key().encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+class ShapesVQA(Dataset):
+    """Map-style dataset of raw samples: {"images", "messages", "answer", "kind"}."""
+
+    def __init__(self, cfg: ShapesConfig, split: str, image_size: int):
+        self.cfg, self.split, self.image_size = cfg, split, image_size
+        self.size = cfg.train_size if split == "train" else cfg.val_size
+        self._split_id = 0 if split == "train" else 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"{self.split} index {index} out of range [0, {self.size})")
+        rng = np.random.default_rng([self.cfg.seed, self._split_id, index])
+        want_val = self.split != "train"
+        while True:
+            scene = draw_scene(rng)
+            if in_validation_space(scene, self.cfg.val_fraction) == want_val:
+                break
+        return {
+            "images": [render(scene, self.image_size, rng)],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.question}]},
+                {"role": "assistant", "content": scene.answer},
+            ],
+            "answer": scene.answer,
+            "kind": scene.kind,
+        }
+
+    def corpus(self, limit: int = 2000):
+        """Text to train the local tokenizer on: questions and answers of the first `limit` samples."""
+        for i in range(min(limit, self.size)):
+            rng = np.random.default_rng([self.cfg.seed, self._split_id, i])
+            scene = draw_scene(rng)
+            yield scene.question
+            yield scene.answer

@@ -1,0 +1,37 @@
+"""Language model: any transformers `AutoModelForCausalLM`, built from a config or loaded.
+
+`model.lm.pretrained` (a hub name or a local directory) loads weights with `from_pretrained`;
+otherwise `model.lm.config` (with `model_type`) builds a randomly initialised model. Either way
+the vocabulary is sized to the tokenizer, so added special tokens (the image token) get rows.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+
+@dataclass
+class LMConfig:
+    pretrained: Optional[str] = None  # hub name or local directory
+    config: dict[str, Any] = field(default_factory=dict)  # model_type plus AutoConfig kwargs
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+
+
+def build_language_model(cfg: LMConfig, vocab_size: int) -> PreTrainedModel:
+    if cfg.pretrained:
+        lm = AutoModelForCausalLM.from_pretrained(
+            cfg.pretrained, attn_implementation=cfg.attn_implementation, dtype=cfg.dtype
+        )
+    else:
+        kwargs = dict(cfg.config)
+        if "model_type" not in kwargs:
+            raise ValueError("model.lm.config needs a model_type (e.g. llama, qwen2) when model.lm.pretrained is null")
+        lm_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        lm_config.vocab_size = vocab_size
+        lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation=cfg.attn_implementation, dtype=cfg.dtype)
+    if lm.get_input_embeddings().num_embeddings < vocab_size:
+        # New special tokens (e.g. <image>) need embedding rows; mean-init keeps old outputs stable.
+        lm.resize_token_embeddings(vocab_size, mean_resizing=True)
+    return lm

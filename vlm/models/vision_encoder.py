@@ -1,0 +1,76 @@
+"""Vision encoder: a timm backbone that turns images into a sequence of patch features.
+
+Any timm model that implements `forward_intermediates` works (ViTs, ConvNets, ...). Layers
+after `feature_layer` are pruned at build time, so they cost no compute and hold no parameters
+that would never receive a gradient.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import timm
+import torch
+from torch import nn
+
+
+@dataclass
+class VisionConfig:
+    name: str = "resnet10t"
+    pretrained: bool = False
+    weights_path: Optional[str] = None  # local weights file (safetensors or .pth); overrides the hub
+    feature_layer: int = -1  # which block/stage's output to take (python indexing)
+    drop_prefix_tokens: bool = True  # drop CLS/register tokens of ViTs
+    final_norm: bool = False  # apply the backbone's final norm to the taken features
+    image_size: int = 224
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.weights_path:
+            kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights_path)
+        self.backbone = timm.create_model(
+            cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_path), num_classes=0, **kwargs
+        )
+        # Indices come back relative to the pruned model, e.g. -2 becomes the new last block.
+        self._layer = self.backbone.prune_intermediate_layers(
+            [cfg.feature_layer], prune_norm=not cfg.final_norm, prune_head=True
+        )
+        self.num_prefix_tokens = 0 if cfg.drop_prefix_tokens else getattr(self.backbone, "num_prefix_tokens", 0)
+        grid, self._embed_dim = self._probe_output()
+        self.grid_size = grid
+
+    @torch.no_grad()
+    def _probe_output(self) -> tuple[tuple[int, int], int]:
+        """Run one dummy image to learn the feature grid and width for this backbone and size."""
+        was_training = self.training
+        self.eval()
+        dummy = torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size)
+        feats = self.backbone.forward_intermediates(
+            dummy, indices=self._layer, intermediates_only=True, norm=self.cfg.final_norm
+        )[0]
+        self.train(was_training)
+        return (feats.shape[2], feats.shape[3]), feats.shape[1]
+
+    @property
+    def embed_dim(self) -> int:
+        return self._embed_dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, num_patches, embed_dim] (patch tokens in row-major order)."""
+        # Only ViT-like backbones know `return_prefix_tokens`; ConvNets reject the keyword.
+        extra = {"return_prefix_tokens": True} if self.num_prefix_tokens else {}
+        taken = self.backbone.forward_intermediates(
+            pixel_values, indices=self._layer, intermediates_only=True, norm=self.cfg.final_norm, **extra
+        )[0]
+        if self.num_prefix_tokens == 0:
+            return taken.flatten(2).transpose(1, 2)
+        spatial, prefix = taken
+        return torch.cat([prefix, spatial.flatten(2).transpose(1, 2)], dim=1)

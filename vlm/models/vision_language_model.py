@@ -1,0 +1,124 @@
+"""The vision-language model: vision encoder -> projector -> image features merged into the LM.
+
+`forward` does the Python-side work (images list -> one tensor, placeholder checks) and calls
+`_forward_core`, which takes and returns tensors only, so it can be compiled whole. Every token
+id the forward needs is cached at init: the model never touches the tokenizer.
+"""
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm.data.chat_format import IGNORE_INDEX
+from vlm.models.language_model import LMConfig, build_language_model
+from vlm.models.projector import ProjectorConfig, build_projector
+from vlm.models.vision_encoder import VisionConfig, VisionEncoder
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    image: int
+    pad: int
+    stop: int  # end of turn: generation stops here
+    vocab_size: int
+
+
+class CoreOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    loss_sum: Optional[torch.Tensor]  # summed cross-entropy over supervised tokens
+    num_tokens: Optional[torch.Tensor]  # supervised tokens in the batch
+
+
+def merge_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor) -> torch.Tensor:
+    """Write image features, in order, into the placeholder positions of `embeds` (one masked scatter)."""
+    mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, token_ids: TokenIds):
+        super().__init__()
+        self.cfg = cfg
+        self.token_ids = token_ids
+        self.vision = VisionEncoder(cfg.vision)
+        self.lm = build_language_model(cfg.lm, token_ids.vocab_size)
+        self.projector = build_projector(
+            cfg.projector, self.vision.embed_dim, self.lm.config.hidden_size, self.vision.num_patches
+        )
+        self.tokens_per_image = self.projector.tokens_per_image
+
+    def check_placeholders(self, input_ids: torch.Tensor, image_counts: Sequence[int], sample_indices: Sequence[int]) -> None:
+        found = (input_ids == self.token_ids.image).sum(dim=1).tolist()
+        for row, (n_found, n_images) in enumerate(zip(found, image_counts)):
+            if n_found != n_images * self.tokens_per_image:
+                raise ValueError(
+                    f"sample {sample_indices[row]}: {n_found} image placeholder tokens but {n_images} image(s) x "
+                    f"{self.tokens_per_image} tokens per image = {n_images * self.tokens_per_image} expected. "
+                    "See TROUBLESHOOTING.md#placeholder-count-mismatch."
+                )
+
+    def _images_tensor(self, batch: dict) -> Optional[torch.Tensor]:
+        """Check placeholders against images, and turn the batch's images into one tensor (or None)."""
+        input_ids = batch["input_ids"]
+        indices = batch.get("sample_indices") or list(range(len(input_ids)))
+        self.check_placeholders(input_ids, batch["image_counts"], indices)
+        pixel_values = batch.get("pixel_values")
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = torch.cat(list(pixel_values)) if pixel_values else None
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return None
+        return pixel_values
+
+    def forward(self, batch: dict) -> CoreOutput:
+        pixel_values = self._images_tensor(batch)
+        return self._forward_core(batch["input_ids"], pixel_values, batch["attention_mask"], batch.get("labels"))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        features = self.projector(self.vision(pixel_values.to(embeds.dtype)))
+        return merge_image_features(embeds, input_ids, self.token_ids.image, features.flatten(0, 1))
+
+    def _forward_core(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor],
+        attention_mask: torch.Tensor,
+        labels: Optional[torch.Tensor],
+    ) -> CoreOutput:
+        embeds = self.embed(input_ids, pixel_values)
+        # Positions count real tokens only, so left padding does not shift them (as in generation).
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        if labels is None:
+            return CoreOutput(logits, None, None)
+        # Padding is excluded by position, whatever its id.
+        targets = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)[:, 1:]
+        loss_sum = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return CoreOutput(logits, loss_sum, (targets != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding from left-padded prompts; returns only the new tokens [B, <=max_new_tokens]."""
+        embeds = self.embed(batch["input_ids"], self._images_tensor(batch))
+        return self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.token_ids.stop,
+            pad_token_id=self.token_ids.pad,
+        )

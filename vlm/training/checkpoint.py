@@ -1,0 +1,53 @@
+"""Checkpoints a person can load anywhere: safetensors weights, tokenizer, resolved config.
+
+Layout of a checkpoint directory:
+  model.safetensors   weights (tied tensors stored once)
+  config.yaml         the resolved run config
+  tokenizer/          the tokenizer, including a locally trained one
+  lm/config.json      the LM's transformers config, so reloading never touches the hub
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from vlm.build import build_model_and_processor, data_config
+from vlm.data.processing import SampleProcessor
+from vlm.data.tokenizer import build_tokenizer
+from vlm.models.vision_language_model import VisionLanguageModel
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: VisionLanguageModel
+    tokenizer: PreTrainedTokenizerBase
+    processor: SampleProcessor
+    config: DictConfig
+
+
+def save_checkpoint(directory: Path, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / "model.safetensors"))
+    tokenizer.save_pretrained(directory / "tokenizer")
+    model.lm.config.save_pretrained(directory / "lm")
+    OmegaConf.save(cfg, directory / "config.yaml", resolve=True)
+
+
+def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    directory = Path(directory)
+    cfg = OmegaConf.load(directory / "config.yaml")
+    # Rebuild from what the checkpoint holds: no hub access, no re-training of the tokenizer.
+    cfg.data.tokenizer.pretrained = str(directory / "tokenizer")
+    cfg.model.lm.pretrained = None
+    cfg.model.lm.config = AutoConfig.from_pretrained(directory / "lm").to_dict()
+    cfg.model.vision.pretrained = False
+    cfg.model.vision.weights_path = None
+    data = data_config(cfg)
+    tokenizer = build_tokenizer(data.tokenizer, [], data.chat.special_tokens)
+    model, processor = build_model_and_processor(cfg, data, tokenizer)
+    load_model(model, str(directory / "model.safetensors"), device=str(device))
+    return LoadedCheckpoint(model.to(device), tokenizer, processor, cfg)
