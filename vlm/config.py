@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 def typed_section(node: DictConfig, schema: type[T], key: str) -> T:
     """Validate `node` (the config at `key`) against the dataclass `schema` and return an instance."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        # Resolve first: interpolations like ${model.vision.image_size} point outside this section.
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=True))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(

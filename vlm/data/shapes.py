@@ -121,7 +121,7 @@ class ShapesVQA(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict:
+    def _draw(self, index: int) -> tuple[Scene, np.random.Generator]:
         if not 0 <= index < self.size:
             raise IndexError(f"{self.split} index {index} out of range [0, {self.size})")
         rng = np.random.default_rng([self.cfg.seed, self._split_id, index])
@@ -129,7 +129,13 @@ class ShapesVQA(Dataset):
         while True:
             scene = draw_scene(rng)
             if in_validation_space(scene, self.cfg.val_fraction) == want_val:
-                break
+                return scene, rng
+
+    def scene(self, index: int) -> Scene:
+        return self._draw(index)[0]
+
+    def __getitem__(self, index: int) -> dict:
+        scene, rng = self._draw(index)
         return {
             "images": [render(scene, self.image_size, rng)],
             "messages": [

@@ -1,0 +1,57 @@
+"""Every experiment composes and builds; bad names and keys get clear errors.
+
+Run: pytest tests/test_config.py
+"""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from tests.conftest import CONFIG_DIR, compose_config
+from vlm.build import build_components
+from vlm.config import ConfigError
+from vlm.training.trainer import TrainConfig
+from vlm.config import typed_section
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds(experiment):
+    cfg = compose_config(experiment=experiment)
+    parts = build_components(cfg)
+    sample = parts.processor(parts.train_set[0], 0)
+    assert (sample.input_ids == parts.model.token_ids.image).sum() == parts.model.tokens_per_image
+    typed_section(cfg.train, TrainConfig, "train")
+
+
+@pytest.mark.parametrize("group", ["model/vision", "model/projector", "model/lm"])
+def test_every_model_option_builds(group):
+    options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    for option in options:
+        shrink = ["+model.vision.model_kwargs.depth=2"] if option == "vit_tiny" else []
+        parts = build_components(compose_config(f"{group}={option}", "model.vision.image_size=32", *shrink))
+        assert parts.model.tokens_per_image > 0, option
+
+
+def test_unknown_experiment_is_a_hydra_error():
+    with pytest.raises(MissingConfigException, match="experiment/nope"):
+        compose_config(experiment="nope")
+
+
+def test_unknown_key_on_command_line_is_a_hydra_error():
+    with pytest.raises(ConfigCompositionException, match="lerning_rate"):
+        compose_config("train.lerning_rate=1e-3")
+
+
+def test_unknown_key_inside_a_section_names_the_key():
+    cfg = compose_config("+train.lerning_rate=1e-3")  # '+' forces the key in, as a YAML typo would
+    with pytest.raises(ConfigError, match=r"'train'.*lerning_rate"):
+        typed_section(cfg.train, TrainConfig, "train")
+
+
+def test_wrong_type_names_the_key():
+    cfg = compose_config("train.max_steps=many")
+    with pytest.raises(ConfigError, match="max_steps"):
+        typed_section(cfg.train, TrainConfig, "train")

@@ -1,0 +1,71 @@
+"""Model parts: image merge, placeholder checks, projectors, vision backbones.
+
+Run: pytest tests/test_model.py
+"""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlm.models.projector import ProjectorConfig, build_projector
+from vlm.models.vision_encoder import VisionConfig, VisionEncoder
+from vlm.models.vision_language_model import merge_image_features
+
+
+def test_merge_puts_image_features_exactly_at_placeholders():
+    image_id = 9
+    input_ids = torch.tensor([[1, 9, 9, 5, 6], [9, 9, 9, 9, 2]])
+    embeds = torch.zeros(2, 5, 3)
+    features = torch.arange(6 * 3, dtype=torch.float).view(6, 3) + 1
+    merged = merge_image_features(embeds, input_ids, image_id, features)
+    placeholder = input_ids == image_id
+    assert torch.equal(merged[placeholder], features)  # in order, row-major across the batch
+    assert torch.equal(merged[~placeholder], torch.zeros(int((~placeholder).sum()), 3))
+
+
+def test_placeholder_mismatch_names_sample_and_counts(tiny):
+    processor, model = tiny.processor, tiny.model
+    samples = [processor(tiny.train_set[i], i) for i in range(2)]
+    ids = samples[1].input_ids
+    first_image = int((ids == model.token_ids.image).nonzero()[0])
+    samples[1].input_ids = torch.cat([ids[:first_image], ids[first_image + 1 :]])
+    samples[1].labels = samples[1].labels[1:]
+    samples[1].index = 41
+    from vlm.data.collate import Collator
+
+    batch = Collator(tiny.tokenizer.pad_token_id)(samples)
+    tpi = model.tokens_per_image
+    with pytest.raises(ValueError, match=rf"sample 41: {tpi - 1} image placeholder tokens .* = {tpi} expected.*TROUBLESHOOTING"):
+        model(batch)
+
+
+def test_pixel_shuffle_tokens_follow_config():
+    projector = build_projector(ProjectorConfig(type="pixel_shuffle", factor=2), 8, 16, num_patches=64)
+    assert projector.tokens_per_image == 16
+    features = torch.randn(3, 64, 8)
+    assert projector(features).shape == (3, 16, 16)
+    # Token 0 must hold exactly the top-left 2x2 block of patches: (0,0), (0,1), (1,0), (1,1).
+    block = features.view(3, 8, 8, 8)[:, :2, :2].reshape(3, 32)
+    assert torch.allclose(projector(features)[:, 0], projector.proj(block), atol=1e-6)
+    with pytest.raises(ValueError, match="model.projector.factor=3"):
+        build_projector(ProjectorConfig(type="pixel_shuffle", factor=3), 8, 16, num_patches=64)
+
+
+def test_vit_encoder_layer_and_prefix_tokens():
+    common = dict(name="vit_tiny_patch16_224", image_size=32, model_kwargs={"img_size": 32, "depth": 3})
+    dropped = VisionEncoder(VisionConfig(feature_layer=-2, **common))
+    kept = VisionEncoder(VisionConfig(feature_layer=-1, drop_prefix_tokens=False, final_norm=True, **common))
+    images = torch.randn(2, 3, 32, 32)
+    assert dropped(images).shape == (2, dropped.num_patches, dropped.embed_dim) == (2, 4, 192)
+    assert kept(images).shape == (2, kept.num_patches, 192) == (2, 5, 192)
+    assert len(dropped.backbone.blocks) == 2  # blocks after the feature layer are pruned
+
+
+def test_vision_weights_from_local_file(tmp_path):
+    cfg = VisionConfig(name="resnet10t", feature_layer=1, image_size=32)
+    source = VisionEncoder(cfg)
+    full = {k: v.clone() for k, v in source.backbone.state_dict().items()}
+    save_file(full, tmp_path / "weights.safetensors")
+    loaded = VisionEncoder(VisionConfig(**{**cfg.__dict__, "weights_path": str(tmp_path / "weights.safetensors")}))
+    for name, tensor in loaded.backbone.state_dict().items():
+        assert torch.equal(tensor, full[name]), name
