@@ -69,3 +69,20 @@ def test_vision_weights_from_local_file(tmp_path):
     loaded = VisionEncoder(VisionConfig(**{**cfg.__dict__, "weights_path": str(tmp_path / "weights.safetensors")}))
     for name, tensor in loaded.backbone.state_dict().items():
         assert torch.equal(tensor, full[name]), name
+
+
+def test_position_embedding_is_row_plus_column():
+    cfg = ProjectorConfig(type="pixel_shuffle", factor=2, position_embedding=True)
+    projector = build_projector(cfg, 8, 16, num_patches=16)  # 4x4 patches -> 2x2 tokens
+    features = torch.randn(1, 16, 8)
+    delta = projector(features) - projector.proj(features.view(1, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(1, 4, 32))
+    # Same column, different rows differ by the row vectors; left-right differs the same way in every row.
+    assert torch.allclose(delta[0, 1] - delta[0, 0], delta[0, 3] - delta[0, 2], atol=1e-6)
+    assert torch.allclose(delta[0, 2] - delta[0, 0], delta[0, 3] - delta[0, 1], atol=1e-6)
+    with pytest.raises(ValueError, match="square grid"):
+        build_projector(ProjectorConfig(type="mlp", position_embedding=True), 8, 16, num_patches=17)
+
+
+def test_feature_layer_out_of_range_names_the_key():
+    with pytest.raises(ValueError, match="model.vision.feature_layer=7 does not exist in resnet10t"):
+        VisionEncoder(VisionConfig(name="resnet10t", feature_layer=7, image_size=32))

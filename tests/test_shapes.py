@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from vlm.data.shapes import KINDS, ShapesConfig, ShapesVQA
+from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, valid_questions
 from vlm.training.evaluation import majority_baseline
 
 
@@ -19,10 +19,23 @@ def test_same_seed_same_samples_other_seed_other_samples():
     assert any(a[i]["messages"] != c[i]["messages"] for i in range(10))
 
 
-def test_splits_do_not_overlap():
-    cfg = ShapesConfig(train_size=3000, val_size=300)
+def questions_asked(sample: dict) -> list[str]:
+    texts = []
+    for message in sample["messages"]:
+        if message["role"] == "user":
+            content = message["content"]
+            texts += [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+    return texts
+
+
+def test_splits_do_not_overlap_in_any_question_turn():
+    cfg = ShapesConfig(train_size=3000, val_size=300, questions_per_image=4)
     train, val = ShapesVQA(cfg, "train", 32), ShapesVQA(cfg, "val", 32)
-    train_keys = {train.scene(i).key() for i in range(len(train))}
+    train_keys = {
+        Scene(train.scene(i).objects, question, "", "").key() for i in range(len(train)) for question in questions_asked(train[i])
+    }
+    assert len(train_keys) > 3 * len(train)  # most training images carry several questions
+    assert all(len(questions_asked(val[i])) == 1 for i in range(len(val)))
     val_keys = {val.scene(i).key() for i in range(len(val))}
     assert len(val_keys) > 250  # validation is varied, not one scene repeated
     assert not train_keys & val_keys  # keys are the discrete scene + question, so pixel jitter cannot hide a repeat
@@ -32,4 +45,15 @@ def test_all_kinds_present_and_majority_baseline_low():
     val = ShapesVQA(ShapesConfig(val_size=1000), "val", 32)
     kinds = Counter(val[i]["kind"] for i in range(len(val)))
     assert set(kinds) == set(KINDS) and min(kinds.values()) > 150
-    assert majority_baseline(val) <= 0.20
+    assert majority_baseline([val[i]["answer"] for i in range(len(val))]) <= 0.20
+
+
+def test_extra_questions_have_unique_referents_and_true_answers():
+    cfg = ShapesConfig(train_size=200, questions_per_image=6)
+    train = ShapesVQA(cfg, "train", 32)
+    for i in range(len(train)):
+        truth = {q: a for q, a, _ in valid_questions(train.scene(i).objects)}
+        sample = train[i]
+        answers = [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
+        for question, answer in zip(questions_asked(sample), answers):
+            assert truth[question] == answer, (i, question)

@@ -49,6 +49,7 @@ def test_run_directory_holds_config_log_metrics_and_checkpoint(short_run):
     assert {"val_accuracy", "val_accuracy_by_kind", "majority_baseline", "steps", "wall_time_s"} <= saved.keys()
     assert saved == json.loads(json.dumps(metrics))
     assert (run_dir / "config.yaml").exists()
+    assert (run_dir / "tokenizer" / "tokenizer.json").exists()  # saved at start-up, not only at the end
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
 
 

@@ -6,6 +6,10 @@ Sample i of a split is generated from (seed, i) alone, so the dataset needs no s
 index can be regenerated. Train and validation cannot overlap: a hash of the discrete scene and
 question (not the pixel jitter) decides which split may use it, and each split redraws until
 it gets one of its own.
+Training samples may ask several questions about one image as a multi-turn conversation
+(`questions_per_image`, as in LLaVA-style instruction data): the first question is the balanced
+one drawn with the scene, the others are further questions the scene answers unambiguously, each
+also from the training side of the hash. Validation always asks one question per image.
 """
 
 import hashlib
@@ -36,6 +40,7 @@ class ShapesConfig:
     val_size: int = 1000
     seed: int = 0
     val_fraction: float = 0.1  # share of discrete (scene, question) space reserved for validation
+    questions_per_image: int = 1  # training only: up to this many question turns per image
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,24 @@ def draw_scene(rng: np.random.Generator) -> Scene:
     if kind == "shape":
         return Scene(objects, f"What shape is the {colour} object?", shape, kind)
     return Scene(objects, f"Where is the {colour} {shape}?", CELLS[target[0]], kind)
+
+
+def valid_questions(objects: tuple) -> list[tuple[str, str, str]]:
+    """Every (question, answer, kind) the scene answers unambiguously (the referent is unique)."""
+    shapes = [shape for _, shape, _ in objects]
+    colours = [colour for _, _, colour in objects]
+    pairs = [(colour, shape) for _, shape, colour in objects]
+    questions = []
+    for cell, shape, colour in objects:
+        if shapes.count(shape) == 1:
+            questions.append((f"What colour is the {shape}?", colour, "colour"))
+        if colours.count(colour) == 1:
+            questions.append((f"What shape is the {colour} object?", shape, "shape"))
+        if pairs.count((colour, shape)) == 1:
+            questions.append((f"Where is the {colour} {shape}?", CELLS[cell], "position"))
+    for shape in sorted(set(shapes)):
+        questions.append((f"How many {shape}s are there?", COUNT_WORDS[shapes.count(shape) - 1], "count"))
+    return questions
 
 
 def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -134,14 +157,29 @@ class ShapesVQA(Dataset):
     def scene(self, index: int) -> Scene:
         return self._draw(index)[0]
 
+    def _extra_questions(self, scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+        if self.split != "train" or self.cfg.questions_per_image <= 1:
+            return []
+        candidates = [
+            (question, answer)
+            for question, answer, _ in valid_questions(scene.objects)
+            if question != scene.question
+            and not in_validation_space(Scene(scene.objects, question, answer, ""), self.cfg.val_fraction)
+        ]
+        order = rng.permutation(len(candidates))[: self.cfg.questions_per_image - 1]
+        return [candidates[i] for i in order]
+
     def __getitem__(self, index: int) -> dict:
         scene, rng = self._draw(index)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.question}]},
+            {"role": "assistant", "content": scene.answer},
+        ]
+        for question, answer in self._extra_questions(scene, rng):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return {
             "images": [render(scene, self.image_size, rng)],
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.question}]},
-                {"role": "assistant", "content": scene.answer},
-            ],
+            "messages": messages,
             "answer": scene.answer,
             "kind": scene.kind,
         }

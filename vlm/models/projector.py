@@ -3,6 +3,12 @@
 `mlp` keeps one token per patch (LLaVA). `pixel_shuffle` folds each factor x factor block of
 patches into one token before a linear map (Idefics3 / nanoVLM), cutting image tokens by factor².
 The number of image tokens per image is a property derived from the config, never a constant.
+`input_norm` puts a LayerNorm on the vision features first (Qwen2-VL merger, InternVL): raw
+ConvNet stage outputs have very uneven channel scales, and without it the LM learns to read the
+loud channels (colour) long before the quiet ones (shape).
+`position_embedding` adds a learned row vector plus a learned column vector to each image token:
+ConvNet features carry no explicit 2D position (ViTs do), RoPE alone only tells the LM offsets
+from the text, and a factorised row/column code makes "left" one direction for every row.
 """
 
 import math
@@ -16,21 +22,50 @@ from torch import nn
 class ProjectorConfig:
     type: str = "mlp"  # mlp | pixel_shuffle
     factor: int = 2  # pixel_shuffle only: side of the patch block folded into one token
+    input_norm: bool = False  # LayerNorm over each vision feature before projecting
+    position_embedding: bool = False  # learned row + column embedding added to each image token
+
+
+class GridPositions(nn.Module):
+    """Learned row and column embeddings, summed per token of a side x side grid (row-major)."""
+
+    def __init__(self, side: int, dim: int):
+        super().__init__()
+        self.rows = nn.Parameter(torch.randn(side, 1, dim) * 0.02)
+        self.cols = nn.Parameter(torch.randn(1, side, dim) * 0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + (self.rows + self.cols).flatten(0, 1)
+
+
+def _positions(enabled: bool, tokens: int, dim: int) -> nn.Module:
+    if not enabled:
+        return nn.Identity()
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(
+            f"model.projector.position_embedding needs a square grid of image tokens, got {tokens} "
+            "(prefix tokens kept?). Set model.vision.drop_prefix_tokens=true or position_embedding=false."
+        )
+    return GridPositions(side, dim)
 
 
 class MLPProjector(nn.Module):
-    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int):
+    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int, cfg: ProjectorConfig):
         super().__init__()
+        self.norm = nn.LayerNorm(vision_dim) if cfg.input_norm else nn.Identity()
         self.net = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
         self.tokens_per_image = num_patches
+        self.positions = _positions(cfg.position_embedding, num_patches, lm_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features)
+        return self.positions(self.net(self.norm(features)))
 
 
 class PixelShuffleProjector(nn.Module):
-    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int, factor: int):
+    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int, cfg: ProjectorConfig):
         super().__init__()
+        factor = cfg.factor
         side = math.isqrt(num_patches)
         if side * side != num_patches or side % factor:
             raise ValueError(
@@ -39,20 +74,23 @@ class PixelShuffleProjector(nn.Module):
                 "model.vision.drop_prefix_tokens=true (see TROUBLESHOOTING.md#pixel-shuffle-grid)."
             )
         self.side, self.factor = side, factor
+        self.norm = nn.LayerNorm(vision_dim) if cfg.input_norm else nn.Identity()
         self.proj = nn.Linear(vision_dim * factor * factor, lm_dim)
         self.tokens_per_image = num_patches // (factor * factor)
+        self.positions = _positions(cfg.position_embedding, self.tokens_per_image, lm_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.norm(features)
         n, _, dim = features.shape
         s, f = self.side, self.factor
         # [N, s*s, D] -> [N, s/f, f, s/f, f, D] -> [N, s/f, s/f, f, f, D]: each token holds one f x f block.
         blocks = features.reshape(n, s // f, f, s // f, f, dim).permute(0, 1, 3, 2, 4, 5)
-        return self.proj(blocks.reshape(n, (s // f) ** 2, f * f * dim))
+        return self.positions(self.proj(blocks.reshape(n, (s // f) ** 2, f * f * dim)))
 
 
 def build_projector(cfg: ProjectorConfig, vision_dim: int, lm_dim: int, num_patches: int) -> nn.Module:
     if cfg.type == "mlp":
-        return MLPProjector(vision_dim, lm_dim, num_patches)
+        return MLPProjector(vision_dim, lm_dim, num_patches, cfg)
     if cfg.type == "pixel_shuffle":
-        return PixelShuffleProjector(vision_dim, lm_dim, num_patches, cfg.factor)
+        return PixelShuffleProjector(vision_dim, lm_dim, num_patches, cfg)
     raise ValueError(f"model.projector.type={cfg.type!r} is not one of: mlp, pixel_shuffle")

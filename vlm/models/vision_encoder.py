@@ -36,9 +36,15 @@ class VisionEncoder(nn.Module):
             cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_path), num_classes=0, **kwargs
         )
         # Indices come back relative to the pruned model, e.g. -2 becomes the new last block.
-        self._layer = self.backbone.prune_intermediate_layers(
-            [cfg.feature_layer], prune_norm=not cfg.final_norm, prune_head=True
-        )
+        try:
+            self._layer = self.backbone.prune_intermediate_layers(
+                [cfg.feature_layer], prune_norm=not cfg.final_norm, prune_head=True
+            )
+        except (AssertionError, IndexError) as err:
+            raise ValueError(
+                f"model.vision.feature_layer={cfg.feature_layer} does not exist in {cfg.name} ({err}). "
+                "Use a block/stage index in range, or a negative index counted from the last one."
+            ) from err
         self.num_prefix_tokens = 0 if cfg.drop_prefix_tokens else getattr(self.backbone, "num_prefix_tokens", 0)
         grid, self._embed_dim = self._probe_output()
         self.grid_size = grid

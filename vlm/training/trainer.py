@@ -41,6 +41,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per top-level module: vision, projector, lm
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 500
@@ -60,13 +61,14 @@ class Trainer:
         self.device = resolve_device(self.train_cfg.device)
         self.model = self.parts.model.to(self.device)
         tc = self.train_cfg
-        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, tuple(tc.betas))
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, tuple(tc.betas), tc.lr_scale)
         self.scheduler = build_scheduler(self.optimizer, tc.warmup_steps, tc.max_steps, tc.lr_min_ratio)
         self.collator = Collator(self.parts.tokenizer.pad_token_id, padding_side="right")
         self.train_log = JsonlLog(self.run_dir / "train_log.jsonl")
         resolved = OmegaConf.to_container(cfg, resolve=True)
         self.tracker = build_tracker(logger_cfg, self.run_dir, resolved)
         OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        self.parts.tokenizer.save_pretrained(self.run_dir / "tokenizer")  # a trained one must outlive a crash
 
     def batches(self) -> Iterator[dict]:
         """Endless shuffled batches, reshuffled every epoch from the seeded generator."""
@@ -106,6 +108,7 @@ class Trainer:
         tc = self.train_cfg
         self.model.train()
         batches = self.batches()
+        stats = {"loss": None}
         progress = tqdm(range(1, tc.max_steps + 1), desc="train", dynamic_ncols=True)
         for step in progress:
             step_start = time.perf_counter()
@@ -114,35 +117,43 @@ class Trainer:
                 log.warning("step %d: no supervised tokens in the batch; skipped", step)
                 continue
             stats = self.train_step(batch)
-            elapsed = time.perf_counter() - step_start
-            record = {
-                "step": step,
-                **stats,
-                "lr": self.scheduler.get_last_lr()[0],
-                "tokens_per_s": int(batch["attention_mask"].sum()) / elapsed,
-                "step_time_s": elapsed,
-            }
+            record = self._step_record(step, stats, batch, time.perf_counter() - step_start)
             progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % tc.log_every == 0 or step == tc.max_steps:
                 self.train_log.write(record)
                 self.tracker.log(record, step)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                 self._log_eval(self.evaluate(tc.eval_samples), step)
+        return self._finish(stats["loss"])
+
+    def _step_record(self, step: int, stats: dict, batch: dict, elapsed: float) -> dict:
+        return {
+            "step": step,
+            **stats,
+            "lr": self.train_cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch),
+            **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+            "tokens_per_s": int(batch["attention_mask"].sum()) / elapsed,
+            "step_time_s": elapsed,
+        }
+
+    def _finish(self, last_loss: float | None) -> dict:
+        """Evaluate on the whole validation split, save the checkpoint, write metrics and predictions."""
+        steps = self.train_cfg.max_steps
         final = self.evaluate(len(self.parts.val_set))
-        self._log_eval(final, tc.max_steps)
+        self._log_eval(final, steps)
         save_checkpoint(self.run_dir / "checkpoints" / "final", self.model, self.parts.tokenizer, self.cfg)
         metrics = {
             "val_accuracy": final.accuracy,
             "val_accuracy_by_kind": final.accuracy_by_kind,
-            "majority_baseline": majority_baseline(self.parts.val_set),
-            "steps": tc.max_steps,
-            "final_train_loss": stats["loss"],
+            "majority_baseline": majority_baseline([p["answer"] for p in final.predictions]),
+            "steps": steps,
+            "final_train_loss": last_loss,
             "skipped_unsupervised_samples": len(self.collator.dropped_indices),
             "wall_time_s": time.perf_counter() - self.started,
         }
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (self.run_dir / "val_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in final.predictions))
-        self.tracker.log({f"final/{k}": v for k, v in metrics.items() if not isinstance(v, dict)}, tc.max_steps)
+        self.tracker.log({f"final/{k}": v for k, v in metrics.items() if not isinstance(v, dict)}, steps)
         self.tracker.finish()
         return metrics
 
