@@ -36,13 +36,11 @@ def build_dataset(dataset_cfg: Any, split: str, image_size: int) -> Dataset:
 class EncodedDataset(Dataset):
     """Encodes raw samples on access (in DataLoader workers when there are any)."""
 
-    def __init__(self, raw: Dataset, processor: SampleProcessor, prompt_only: bool = False):
-        self.raw, self.processor, self.prompt_only = raw, processor, prompt_only
+    def __init__(self, raw: Dataset, processor: SampleProcessor):
+        self.raw, self.processor = raw, processor
 
     def __len__(self) -> int:
         return len(self.raw)
 
     def __getitem__(self, index: int) -> EncodedSample:
-        sample = self.raw[index]
-        encode = self.processor.encode_prompt if self.prompt_only else self.processor
-        return encode(sample, index)
+        return self.processor(self.raw[index], index)

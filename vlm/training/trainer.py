@@ -7,7 +7,7 @@ which the collator computes on the host, so normalising costs no device sync.
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
