@@ -75,7 +75,9 @@ def test_position_embedding_is_row_plus_column():
     cfg = ProjectorConfig(type="pixel_shuffle", factor=2, position_embedding=True)
     projector = build_projector(cfg, 8, 16, num_patches=16)  # 4x4 patches -> 2x2 tokens
     features = torch.randn(1, 16, 8)
-    delta = projector(features) - projector.proj(features.view(1, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(1, 4, 32))
+    blocks = features.view(1, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(1, 4, 32)
+    delta = projector(features) - projector.proj(blocks)
+    assert not torch.allclose(delta[0, 1], delta[0, 0]) and not torch.allclose(delta[0, 2], delta[0, 0])
     # Same column, different rows differ by the row vectors; left-right differs the same way in every row.
     assert torch.allclose(delta[0, 1] - delta[0, 0], delta[0, 3] - delta[0, 2], atol=1e-6)
     assert torch.allclose(delta[0, 2] - delta[0, 0], delta[0, 3] - delta[0, 1], atol=1e-6)

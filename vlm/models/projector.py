@@ -45,7 +45,8 @@ def _positions(enabled: bool, tokens: int, dim: int) -> nn.Module:
     if side * side != tokens:
         raise ValueError(
             f"model.projector.position_embedding needs a square grid of image tokens, got {tokens} "
-            "(prefix tokens kept?). Set model.vision.drop_prefix_tokens=true or position_embedding=false."
+            "(prefix tokens kept?). Set model.vision.drop_prefix_tokens=true or position_embedding=false. "
+            "See TROUBLESHOOTING.md#pixel-shuffle-grid."
         )
     return GridPositions(side, dim)
 

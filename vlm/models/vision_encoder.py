@@ -43,7 +43,8 @@ class VisionEncoder(nn.Module):
         except (AssertionError, IndexError) as err:
             raise ValueError(
                 f"model.vision.feature_layer={cfg.feature_layer} does not exist in {cfg.name} ({err}). "
-                "Use a block/stage index in range, or a negative index counted from the last one."
+                "Use a block/stage index in range, or a negative index counted from the last one. "
+                "See TROUBLESHOOTING.md#vision-feature-layer-out-of-range."
             ) from err
         self.num_prefix_tokens = 0 if cfg.drop_prefix_tokens else getattr(self.backbone, "num_prefix_tokens", 0)
         grid, self._embed_dim = self._probe_output()

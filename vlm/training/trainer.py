@@ -130,7 +130,8 @@ class Trainer:
         return {
             "step": step,
             **stats,
-            "lr": self.train_cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch),
+            # The schedule's current factor, applied to the base lr (groups may scale it per module).
+            "lr": self.train_cfg.lr * self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["initial_lr"],
             **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
             "tokens_per_s": int(batch["attention_mask"].sum()) / elapsed,
             "step_time_s": elapsed,
