@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from vlm.build import Components, build_components
+from vlm.training.trainer import Trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -28,6 +30,30 @@ def compose_config(*overrides: str, experiment: str = "shapes") -> DictConfig:
         return compose("config", overrides=[f"+experiment={experiment}", *TINY, *overrides])
 
 
+# A tiny ViT: unlike BatchNorm backbones, its gradients do not depend on how a batch is split,
+# which the accumulation, OOM back-off and multi-process equivalence tests need.
+TINY_VIT = [
+    "model/vision=vit_tiny",
+    "model.vision.image_size=32",
+    "model.vision.feature_layer=-1",
+    "+model.vision.model_kwargs.patch_size=8",
+    "+model.vision.model_kwargs.embed_dim=32",
+    "+model.vision.model_kwargs.depth=2",
+    "+model.vision.model_kwargs.num_heads=2",
+]
+
+
+def new_trainer(cfg: DictConfig, run_dir: Path, trainer_class: type[Trainer] = Trainer) -> Trainer:
+    """accelerate keeps one process-wide state; tests build trainers with different precisions."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return trainer_class(cfg, run_dir)
+
+
+def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
+    """A tiny ViT-based trainer that evaluates only at the end (on 16 samples) unless told otherwise."""
+    return new_trainer(compose_config(*TINY_VIT, "train.eval_every=0", "train.log_every=1", *overrides), run_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> Components:
     torch.manual_seed(0)
@@ -37,3 +63,4 @@ def tiny() -> Components:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+

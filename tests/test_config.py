@@ -10,9 +10,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from tests.conftest import CONFIG_DIR, compose_config
 from vlm.build import build_components
-from vlm.config import ConfigError
+from vlm.config import ConfigError, typed_section
 from vlm.training.trainer import TrainConfig
-from vlm.config import typed_section
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 

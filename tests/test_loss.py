@@ -19,7 +19,7 @@ def loss_and_grads(model, batch):
 
 
 def with_extra_padding(batch: dict, extra: int, side: str, pad_id: int) -> dict:
-    pad = lambda t, value: torch.nn.functional.pad(t, (extra, 0) if side == "left" else (0, extra), value=value)  # noqa: E731
+    pad = lambda t, value: torch.nn.functional.pad(t, (extra, 0) if side == "left" else (0, extra), value=value)
     return {
         **batch,
         "input_ids": pad(batch["input_ids"], pad_id),
@@ -65,9 +65,9 @@ def test_greedy_generation_matches_training_forward(tiny):
     """Left-padded generation sees the same positions and BOS as training: first token == forward argmax."""
     model = tiny.model.eval()
     prompts = [tiny.processor.encode_prompt(tiny.val_set[i], i) for i in range(3)]
-    batch = Collator(tiny.tokenizer.pad_token_id, padding_side="left", drop_unsupervised=False)(prompts)
+    batch = Collator(tiny.tokenizer.pad_token_id, padding_side="left")(prompts)
     with torch.no_grad():
         generated = model.generate(batch, max_new_tokens=1)[:, 0]
         for row, prompt in enumerate(prompts):  # each prompt alone, unpadded, through the training forward
-            single = Collator(tiny.tokenizer.pad_token_id, drop_unsupervised=False)([prompt])
+            single = Collator(tiny.tokenizer.pad_token_id)([prompt])
             assert int(model(single).logits[0, -1].argmax()) == int(generated[row])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, new_trainer
 from vlm.build import build_components
 from vlm.data.collate import Collator
 from vlm.training.checkpoint import load_checkpoint
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train.max_steps=20", "train.log_every=1", "train.warmup_steps=2", "train.lr=3e-3", "train.batch_size=8")
-    trainer = Trainer(cfg, run_dir)
+    cfg = compose_config("train.max_steps=20", "train.log_every=1", "train.warmup_steps=2", "train.lr=3e-3", "train.global_batch_size=8")
+    trainer = new_trainer(cfg, run_dir)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     metrics = trainer.fit()
     return trainer, run_dir, before, metrics
@@ -82,7 +82,7 @@ def test_pretrained_lm_and_tokenizer_load_from_a_local_directory(tmp_path, tiny)
 
 
 def test_train_py_runs_from_the_command_line(tmp_path):
-    cmd = [sys.executable, "train.py", "+experiment=shapes", *TINY, "train.max_steps=3", "train.batch_size=4",
+    cmd = [sys.executable, "train.py", "+experiment=shapes", *TINY, "train.max_steps=3", "train.global_batch_size=4",
            f"hydra.run.dir={tmp_path}"]  # fmt: skip
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

@@ -4,6 +4,7 @@ Build order follows the dependencies: datasets (their text trains a local tokeni
 tokenizer -> model (needs vocabulary and special ids) -> processor (needs tokens per image).
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import timm
@@ -58,11 +59,19 @@ def build_model_and_processor(
     return model, build_processor(model, chat_format, data)
 
 
+def tokenizer_corpus(train_set: Dataset, data: DataConfig) -> Iterator[str]:
+    """The dataset's text, each item followed by the chat template's words, so they weigh as in training."""
+    template = data.chat.template_words()
+    for text in train_set.corpus():
+        yield text
+        yield from template
+
+
 def build_components(cfg: DictConfig) -> Components:
     data = data_config(cfg)
     image_size = cfg.model.vision.image_size
     train_set = build_dataset(data.dataset, "train", image_size)
     val_set = build_dataset(data.dataset, "val", image_size)
-    tokenizer = build_tokenizer(data.tokenizer, train_set.corpus(), data.chat.special_tokens)
+    tokenizer = build_tokenizer(data.tokenizer, tokenizer_corpus(train_set, data), data.chat.special_tokens)
     model, processor = build_model_and_processor(cfg, data, tokenizer)
     return Components(tokenizer, model, processor, train_set, val_set)

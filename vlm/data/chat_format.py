@@ -9,7 +9,7 @@ Training and generation both go through `encode`, so BOS and headers can never d
 """
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +31,17 @@ class ChatFormatConfig:
     turn_separator: str = "\n"  # template text after end_of_turn, not supervised
     special_tokens: list[str] = field(default_factory=lambda: ["<|im_start|>", "<|im_end|>"])
 
+    def template_words(self) -> list[str]:
+        """The template's plain text (role names, separators) without special tokens.
+
+        A locally trained tokenizer must learn these too: otherwise "assistant" falls back to
+        seven byte-pieces in every turn and the template outweighs the content.
+        """
+        texts = [*self.role_headers.values(), self.turn_separator]
+        for special in self.special_tokens:
+            texts = [text.replace(special, " ") for text in texts]
+        return [text.strip(" ") for text in texts if text.strip()]
+
 
 class ChatFormat:
     def __init__(self, cfg: ChatFormatConfig, tokenizer: PreTrainedTokenizerBase):
@@ -45,7 +56,7 @@ class ChatFormat:
     def stop_token_id(self) -> int:
         return self.end_of_turn_ids[0]
 
-    @lru_cache(maxsize=None)
+    @cache
     def _template_cached(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -1,30 +1,24 @@
-"""Collation: pads encoded samples into a batch and reports samples with nothing to learn from.
+"""Collation: pads encoded samples into a batch.
 
 Padding is masked by position: `attention_mask` is 0 and labels are IGNORE_INDEX on padded
 positions, whatever the pad id is (it often equals EOS, so comparing ids would mask real EOS).
+Samples with nothing to learn from are reported and left out by the trainer, before collation.
 """
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from vlm.data.chat_format import IGNORE_INDEX
 from vlm.data.processing import EncodedSample
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Collator:
     pad_token_id: int
     padding_side: str = "right"  # right for training; left for generation
-    drop_unsupervised: bool = True  # training: report and skip samples with no supervised token
-    dropped_indices: list[int] = field(default_factory=list)
 
     def __call__(self, samples: list[EncodedSample]) -> dict:
-        if self.drop_unsupervised:
-            samples = self._drop_unsupervised(samples)
         longest = max((len(s.input_ids) for s in samples), default=0)
         batch_size = len(samples)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
@@ -46,16 +40,3 @@ class Collator:
             # Counted here, on the host, so normalising the loss needs no device sync.
             "num_supervised_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),  # position 0 is never predicted
         }
-
-    def _drop_unsupervised(self, samples: list[EncodedSample]) -> list[EncodedSample]:
-        kept = [s for s in samples if s.num_supervised > 0]
-        for s in samples:
-            if s.num_supervised == 0:
-                self.dropped_indices.append(s.index)
-                log.warning(
-                    "sample %d has no supervised tokens (answer missing or truncated away); skipped "
-                    "(%d so far). See TROUBLESHOOTING.md#zero-supervised-tokens.",
-                    s.index,
-                    len(self.dropped_indices),
-                )
-        return kept

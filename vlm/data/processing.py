@@ -26,6 +26,11 @@ class EncodedSample:
     def num_supervised(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    @property
+    def num_predicted(self) -> int:
+        """Supervised tokens the loss sees: position 0 has no previous token to predict it from."""
+        return int((self.labels[1:] != IGNORE_INDEX).sum())
+
 
 class ImageTransform:
     """Resize to the encoder's size and normalise with its mean/std (both from timm's data config)."""

@@ -6,8 +6,8 @@ losslessly: unknown words fall back to bytes, never to an UNK token.
 Every special token the chat format and the model need is made sure to exist here, once.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 @dataclass
 class TokenizerConfig:
-    pretrained: Optional[str] = None  # hub name or local directory; null trains a local BPE
+    pretrained: str | None = None  # hub name or local directory; null trains a local BPE
     vocab_size: int = 512  # local BPE only
     image_token: str = "<image>"
     pad_token: str = "<|pad|>"  # used only when the tokenizer has no pad token

@@ -6,14 +6,14 @@ the vocabulary is sized to the tokenizer, so added special tokens (the image tok
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 
 @dataclass
 class LMConfig:
-    pretrained: Optional[str] = None  # hub name or local directory
+    pretrained: str | None = None  # hub name or local directory
     config: dict[str, Any] = field(default_factory=dict)  # model_type plus AutoConfig kwargs
     attn_implementation: str = "sdpa"
     dtype: str = "float32"

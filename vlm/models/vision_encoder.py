@@ -6,7 +6,7 @@ that would never receive a gradient.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 class VisionConfig:
     name: str = "resnet10t"
     pretrained: bool = False
-    weights_path: Optional[str] = None  # local weights file (safetensors or .pth); overrides the hub
+    weights_path: str | None = None  # local weights file (safetensors or .pth); overrides the hub
     feature_layer: int = -1  # which block/stage's output to take (python indexing)
     drop_prefix_tokens: bool = True  # drop CLS/register tokens of ViTs
     final_norm: bool = False  # apply the backbone's final norm to the taken features

@@ -5,8 +5,9 @@
 id the forward needs is cached at init: the model never touches the tokenizer.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,8 @@ class TokenIds:
 
 class CoreOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, V]
-    loss_sum: Optional[torch.Tensor]  # summed cross-entropy over supervised tokens
-    num_tokens: Optional[torch.Tensor]  # supervised tokens in the batch
+    loss_sum: torch.Tensor | None  # summed cross-entropy over supervised tokens
+    num_tokens: torch.Tensor | None  # supervised tokens in the batch
 
 
 def merge_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ class VisionLanguageModel(nn.Module):
                     "See TROUBLESHOOTING.md#placeholder-count-mismatch."
                 )
 
-    def _images_tensor(self, batch: dict) -> Optional[torch.Tensor]:
+    def _images_tensor(self, batch: dict) -> torch.Tensor | None:
         """Check placeholders against images, and turn the batch's images into one tensor (or None)."""
         input_ids = batch["input_ids"]
         indices = batch.get("sample_indices") or list(range(len(input_ids)))
@@ -79,11 +80,19 @@ class VisionLanguageModel(nn.Module):
             return None
         return pixel_values
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute LM and vision block activations in the backward instead of storing them."""
+        if hasattr(self.lm, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
+            self.lm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.vision.backbone.set_grad_checkpointing(True)
+
     def forward(self, batch: dict) -> CoreOutput:
         pixel_values = self._images_tensor(batch)
         return self._forward_core(batch["input_ids"], pixel_values, batch["attention_mask"], batch.get("labels"))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         embeds = self.lm.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
@@ -93,9 +102,9 @@ class VisionLanguageModel(nn.Module):
     def _forward_core(
         self,
         input_ids: torch.Tensor,
-        pixel_values: Optional[torch.Tensor],
+        pixel_values: torch.Tensor | None,
         attention_mask: torch.Tensor,
-        labels: Optional[torch.Tensor],
+        labels: torch.Tensor | None,
     ) -> CoreOutput:
         embeds = self.embed(input_ids, pixel_values)
         # Positions count real tokens only, so left padding does not shift them (as in generation).

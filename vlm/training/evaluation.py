@@ -16,7 +16,7 @@ from vlm.training.device import move_to
 class EvalResult:
     accuracy: float
     accuracy_by_kind: dict[str, float]
-    predictions: list[dict]  # {"index", "kind", "answer", "prediction"}
+    predictions: list[dict]  # {"index", "kind", "answer", "prediction", "correct"}
 
 
 def normalise_answer(text: str) -> str:
@@ -40,7 +40,7 @@ def evaluate(
     max_new_tokens: int,
     device: torch.device,
 ) -> EvalResult:
-    collate = Collator(tokenizer.pad_token_id, padding_side="left", drop_unsupervised=False)
+    collate = Collator(tokenizer.pad_token_id, padding_side="left")
     was_training = model.training
     model.eval()
     predictions = []
@@ -60,7 +60,8 @@ def evaluate(
 def _score(predictions: list[dict]) -> EvalResult:
     hits, totals = defaultdict(int), defaultdict(int)
     for p in predictions:
+        p["correct"] = normalise_answer(p["prediction"]) == normalise_answer(p["answer"])
         totals[p["kind"]] += 1
-        hits[p["kind"]] += normalise_answer(p["prediction"]) == normalise_answer(p["answer"])
+        hits[p["kind"]] += p["correct"]
     by_kind = {kind: hits[kind] / totals[kind] for kind in sorted(totals)}
     return EvalResult(sum(hits.values()) / max(1, len(predictions)), by_kind, predictions)

@@ -1,50 +1,140 @@
-"""Optimizer and learning-rate schedule.
+"""Optimizer, learning-rate schedule and which parameters train.
 
-No weight decay on biases, norm weights and embeddings (decaying them hurts and buys nothing).
-The schedule is linear warmup then cosine down to `lr * lr_min_ratio`, fitted to `max_steps`.
+Each parameter gets its settings in three layers: the stage (align / finetune / full) decides
+which top-level modules train; `train.modules.<name>` sets trainable, lr scale and weight decay per
+module; `train.param_overrides` (regex on parameter names, first match wins) refines single
+parameters. No weight decay on biases, norm weights and embeddings by default (decaying them hurts
+and buys nothing). Frozen parameters get requires_grad=False and stay out of the optimizer.
 """
+
+import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers import get_scheduler
+
+from vlm.training.train_config import ModuleSettings, TrainConfig
+
+STAGES = {
+    "align": {"projector"},
+    "finetune": {"projector", "lm"},
+    "full": None,  # every module
+}
+SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float, lr_scale: dict[str, float]) -> list[dict]:
-    """One decay and one no-decay group per top-level module (vision, projector, lm), each with its lr.
+@dataclass(frozen=True)
+class ParamSettings:
+    trainable: bool
+    lr_scale: float
+    weight_decay: float
 
-    `lr_scale` multiplies the base lr per module. Measured on the shapes experiment: a from-scratch
-    vision tower that learns only through the language loss needed a smaller one (x0.1) than the LM.
-    """
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    groups: dict[tuple[str, bool], list] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        module = name.split(".", 1)[0]
-        decays = param.ndim >= 2 and id(param) not in embedding_params
-        groups.setdefault((module, decays), []).append(param)
-    unknown = set(lr_scale) - {module for module, _ in groups}
+
+def _module_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _check_names(model: nn.Module, cfg: TrainConfig) -> None:
+    if cfg.stage not in STAGES:
+        raise ValueError(f"train.stage={cfg.stage!r} is not one of: {', '.join(STAGES)}")
+    modules = {_module_of(n) for n, _ in model.named_parameters()}
+    unknown = set(cfg.modules) - modules
     if unknown:
-        raise ValueError(f"train.lr_scale names modules the model does not have: {sorted(unknown)}")
+        raise ValueError(f"train.modules names modules the model does not have: {sorted(unknown)} (has {sorted(modules)})")
+    names = [n for n, _ in model.named_parameters()]
+    for override in cfg.param_overrides:
+        if not any(re.search(override.pattern, n) for n in names):
+            raise ValueError(f"train.param_overrides pattern {override.pattern!r} matches no parameter name")
+
+
+def param_settings(model: nn.Module, cfg: TrainConfig) -> dict[str, ParamSettings]:
+    """Settings for every parameter name, after stage, module settings and overrides."""
+    _check_names(model, cfg)
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    staged = STAGES[cfg.stage]
+    settings = {}
+    for name, param in model.named_parameters():
+        module = _module_of(name)
+        per_module = cfg.modules.get(module, ModuleSettings())
+        decays = param.ndim >= 2 and id(param) not in embeddings
+        trainable = per_module.trainable if per_module.trainable is not None else (staged is None or module in staged)
+        lr_scale = per_module.lr_scale
+        weight_decay = per_module.weight_decay if per_module.weight_decay is not None else cfg.weight_decay
+        weight_decay = weight_decay if decays else 0.0
+        override = next((o for o in cfg.param_overrides if re.search(o.pattern, name)), None)
+        if override is not None:
+            trainable = trainable if override.trainable is None else override.trainable
+            lr_scale = lr_scale if override.lr_scale is None else override.lr_scale
+            weight_decay = weight_decay if override.weight_decay is None else override.weight_decay
+        settings[name] = ParamSettings(trainable, lr_scale, weight_decay)
+    return settings
+
+
+def apply_trainable(model: nn.Module, settings: dict[str, ParamSettings]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(settings[name].trainable)
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig, settings: dict[str, ParamSettings]) -> list[dict]:
+    """One optimizer group per (module, lr scale, weight decay) among trainable parameters."""
+    groups: dict[tuple, list] = {}
+    seen = set()
+    for name, param in model.named_parameters():
+        s = settings[name]
+        if not s.trainable or id(param) in seen:  # tied weights appear once
+            continue
+        seen.add(id(param))
+        groups.setdefault((_module_of(name), s.lr_scale, s.weight_decay), []).append(param)
+    if not groups:
+        raise ValueError(f"train.stage={cfg.stage!r} with train.modules leaves no trainable parameter")
     return [
         {
             "params": params,
-            "lr": lr * lr_scale.get(module, 1.0),
-            "weight_decay": weight_decay if decays else 0.0,
-            "name": module if decays else f"{module}/no_decay",
+            "lr": cfg.lr * lr_scale,
+            "weight_decay": weight_decay,
+            "name": _group_name(module, lr_scale, weight_decay, groups),
         }
-        for (module, decays), params in groups.items()
+        for (module, lr_scale, weight_decay), params in groups.items()
     ]
 
 
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], lr_scale: dict[str, float]
-) -> torch.optim.Optimizer:
+def _group_name(module: str, lr_scale: float, weight_decay: float, groups: dict) -> str:
+    """`lm`, `lm/no_decay`, and a suffix with the lr scale only where a module has several scales."""
+    name = module if weight_decay else f"{module}/no_decay"
+    scales = {scale for (m, scale, _) in groups if m == module}
+    return name if len(scales) == 1 else f"{name}/x{lr_scale:g}"
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, settings: dict[str, ParamSettings]) -> torch.optim.Optimizer:
     # foreach is the fast path on CPU and GPU; fused only exists for some device/dtype pairs.
-    return torch.optim.AdamW(parameter_groups(model, lr, weight_decay, lr_scale), lr=lr, betas=betas, foreach=True)
+    groups = parameter_groups(model, cfg, settings)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_ratio: float):
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_ratio
-    )
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then the chosen decay; one multiplier for all groups, so each keeps its own base lr."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule={cfg.schedule!r} is not one of: {', '.join(SCHEDULES)}")
+    extra = {"min_lr_rate": cfg.lr_min_ratio} if cfg.schedule == "cosine" else None
+    return get_scheduler(
+        SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps, scheduler_specific_kwargs=extra,
+    )  # fmt: skip
+
+
+def trainable_table(model: nn.Module) -> str:
+    """Per-module trainable and frozen parameter counts, as printed at start-up."""
+    counts: dict[str, list[int]] = {}
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        row = counts.setdefault(_module_of(name), [0, 0])
+        row[0 if param.requires_grad else 1] += param.numel()
+    lines = [f"{'module':<12}{'trainable':>14}{'frozen':>14}"]
+    lines += [f"{module:<12}{t:>14,}{f:>14,}" for module, (t, f) in counts.items()]
+    total_t, total_f = (sum(col) for col in zip(*counts.values()))
+    lines.append(f"{'total':<12}{total_t:>14,}{total_f:>14,}")
+    return "\n".join(lines)

@@ -7,14 +7,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 
 @dataclass
 class LoggerConfig:
     type: str = "none"  # none | wandb
     project: str = "vlm"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "auto"  # auto | online | offline | disabled
 
@@ -28,11 +27,24 @@ class JsonlLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records after `step`: a resumed run logs those steps again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(kept))
+
 
 class Tracker:
     """The `none` tracker; subclasses send metrics somewhere."""
 
     def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_predictions(self, step: int, predictions: list[dict], samples: list[dict]) -> None:
+        """Validation predictions with their raw samples (images and messages)."""
+
+    def summary(self, metrics: dict) -> None:
         pass
 
     def finish(self) -> None:
@@ -53,12 +65,38 @@ class WandbTracker(Tracker):
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
+    def log_predictions(self, step: int, predictions: list[dict], samples: list[dict]) -> None:
+        """A table of predictions plus the same rows as captioned images.
+
+        The images go as an image list, not a table column: wandb (0.31) writes table images of an
+        offline run as the bare string "Image", losing them.
+        """
+        import wandb
+
+        table = wandb.Table(columns=["index", "kind", "question", "answer", "prediction", "correct"])
+        images = []
+        for p, sample in zip(predictions, samples):
+            question = _first_question(sample["messages"])
+            table.add_data(p["index"], p["kind"], question, p["answer"], p["prediction"], p["correct"])
+            caption = f"#{p['index']} {question} -> {p['prediction']!r} (answer {p['answer']!r})"
+            images += [wandb.Image(image, caption=caption) for image in sample["images"][:1]]
+        self.run.log({"val/predictions": table, "val/prediction_images": images}, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        self.run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+
     def finish(self) -> None:
         self.run.finish()
 
 
-def build_tracker(cfg: LoggerConfig, run_dir: Path, config: dict) -> Tracker:
-    if cfg.type == "none":
+def _first_question(messages: list[dict]) -> str:
+    content = messages[0]["content"]
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+
+
+def build_tracker(cfg: LoggerConfig | None, run_dir: Path, config: dict) -> Tracker:
+    """`cfg` None (processes other than the main one) gives the silent tracker."""
+    if cfg is None or cfg.type == "none":
         return Tracker()
     if cfg.type == "wandb":
         return WandbTracker(cfg, run_dir, config)

@@ -1,166 +1,407 @@
-"""The training loop: build, train with AdamW + warmup/cosine + clipping, evaluate, save.
+"""The training loop: accelerate-driven steps with exact accumulation, guards, evaluation and checkpoints.
 
-The loss of a step is the summed cross-entropy over supervised tokens divided by their count,
-which the collator computes on the host, so normalising costs no device sync.
+One optimizer step = `train.global_batch_size` samples (batching.py decides which, from the step
+number alone). Each process runs its share in micro-batches (accumulation.py, which also backs off
+on OOM); the loss of the step is the summed token loss over every micro-batch of every process,
+divided by the step's total supervised-token count, counted on the host before any backward.
 """
 
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from safetensors.torch import load_model
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from vlm.build import build_components
 from vlm.config import typed_section
 from vlm.data.collate import Collator
 from vlm.data.datasets import EncodedDataset
+from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
+from vlm.training.batching import StepSampler, step_loader
 from vlm.training.checkpoint import save_checkpoint
-from vlm.training.device import move_to, resolve_device
+from vlm.training.checkpoint_manager import (
+    TRAINER_STATE,
+    TRAINING_STATE,
+    CheckpointManager,
+    resolve_resume,
+    restore_rng_states,
+    rng_states,
+)  # fmt: skip
+from vlm.training.device import configure_cuda_allocator, move_to, peak_memory_bytes
 from vlm.training.evaluation import EvalResult, evaluate, majority_baseline
-from vlm.training.optim import build_optimizer, build_scheduler
+from vlm.training.optim import (
+    apply_trainable,
+    build_optimizer,
+    build_scheduler,
+    param_settings,
+    trainable_table,
+)
+from vlm.training.stop_signal import StopSignal
 from vlm.training.tracking import JsonlLog, LoggerConfig, build_tracker
+from vlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    device: str = "auto"
-    max_steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_min_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    lr_scale: dict[str, float] = field(default_factory=dict)  # per top-level module: vision, projector, lm
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 500
-    eval_samples: int = 256
-    eval_batch_size: int = 128
-    max_new_tokens: int = 8
+def warn_if_batch_norm(model: torch.nn.Module) -> None:
+    trainable_bn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                    and any(p.requires_grad for p in m.parameters())]  # fmt: skip
+    if trainable_bn:
+        log.warning(
+            "the model has trainable BatchNorm layers (%s, ...): with micro-batches smaller than the step, their "
+            "statistics (and so the gradients) depend on the split. See TROUBLESHOOTING.md#accumulation-with-batchnorm.",
+            trainable_bn[0],
+        )
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ResumeMismatchError(ValueError):
+    pass
 
 
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.started = time.perf_counter()
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.train_cfg = typed_section(cfg.train, TrainConfig, "train")
-        logger_cfg = typed_section(cfg.logger, LoggerConfig, "logger")
-        set_seed(self.train_cfg.seed)
+        tc = self.train_cfg = typed_section(cfg.train, TrainConfig, "train")
+        configure_cuda_allocator(tc.cuda_alloc_conf)
+        if tc.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device={tc.device!r} is not one of: auto, cpu, cuda")
+        if tc.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        if tc.mixed_precision == "fp16" and (tc.device == "cpu" or not torch.cuda.is_available()):
+            raise ValueError("train.mixed_precision=fp16 needs CUDA (its grad scaler); use bf16 on CPU")
+        self.accelerator = Accelerator(cpu=tc.device == "cpu", mixed_precision=tc.mixed_precision)
+        set_seed(tc.seed)
         self.parts = build_components(cfg)
-        self.device = resolve_device(self.train_cfg.device)
-        self.model = self.parts.model.to(self.device)
-        tc = self.train_cfg
-        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay, tuple(tc.betas), tc.lr_scale)
-        self.scheduler = build_scheduler(self.optimizer, tc.warmup_steps, tc.max_steps, tc.lr_min_ratio)
+        model = self.parts.model
+        apply_trainable(model, param_settings(model, tc))
+        if tc.activation_checkpointing:
+            model.enable_activation_checkpointing()
+        optimizer = build_optimizer(model, tc, param_settings(model, tc))
+        self.scheduler = build_scheduler(optimizer, tc)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.share = self._per_process_share()
+        simulate = SimulatedOOM(tc.simulate_oom_above, tc.simulate_oom_above_tokens, tc.simulate_oom_in)
+        use_simulation = tc.simulate_oom_above is not None or tc.simulate_oom_above_tokens is not None
+        self.accumulator = MicroBatchAccumulator(min(tc.micro_batch_size or self.share, self.share), simulate if use_simulation else None)
+        if self.accumulator.micro_batch_size < self.share or use_simulation:
+            warn_if_batch_norm(model)
         self.collator = Collator(self.parts.tokenizer.pad_token_id, padding_side="right")
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", tc.keep_last, tc.best_metric)
+        self.step, self.bad_in_a_row, self.bad_total, self.skipped_samples = 0, 0, 0, []
+        if tc.init_from:
+            self._load_weights(Path(tc.init_from))
+        resume_from = resolve_resume(tc.resume, self.checkpoints)
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.is_main = self.accelerator.is_main_process
         self.train_log = JsonlLog(self.run_dir / "train_log.jsonl")
+        if self.is_main:
+            self.train_log.truncate_after(self.step)  # a resumed run rewrites the steps after its checkpoint
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        self.tracker = build_tracker(logger_cfg, self.run_dir, resolved)
-        OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
-        self.parts.tokenizer.save_pretrained(self.run_dir / "tokenizer")  # a trained one must outlive a crash
+        self.tracker = build_tracker(typed_section(cfg.logger, LoggerConfig, "logger") if self.is_main else None, self.run_dir, resolved)
+        if self.is_main:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+            self.parts.tokenizer.save_pretrained(self.run_dir / "tokenizer")  # a trained one must outlive a crash
+            log.info("parameters (stage %s):\n%s", tc.stage, trainable_table(self.unwrapped))
 
-    def batches(self) -> Iterator[dict]:
-        """Endless shuffled batches, reshuffled every epoch from the seeded generator."""
-        generator = torch.Generator().manual_seed(self.train_cfg.seed)
-        loader = DataLoader(
-            EncodedDataset(self.parts.train_set, self.parts.processor),
-            batch_size=self.train_cfg.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=generator,
-            collate_fn=self.collator,
-            num_workers=self.cfg.data.num_workers,
-            persistent_workers=self.cfg.data.num_workers > 0,
-        )
-        while True:
-            yield from loader
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
 
-    def train_step(self, batch: dict) -> dict:
-        batch = move_to(batch, self.device)
-        out = self.model(batch)
-        loss = out.loss_sum / batch["num_supervised_tokens"]
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
-        self.optimizer.step()
+    def _per_process_share(self) -> int:
+        world = self.accelerator.num_processes
+        if self.train_cfg.global_batch_size % world:
+            raise ValueError(f"train.global_batch_size={self.train_cfg.global_batch_size} is not divisible by {world} processes")
+        return self.train_cfg.global_batch_size // world
+
+    # ----- one optimizer step -------------------------------------------------------------------
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        return self.model(move_to(batch, self.accelerator.device)).loss_sum
+
+    def accumulate_gradients(self, samples: list) -> tuple[float, float]:
+        """Backward over this process's share of a step; returns (step loss, step supervised tokens).
+
+        Gradients end up as those of (sum of token losses over the whole step) / (its token count).
+        """
+        kept = [s for s in samples if s.num_supervised > 0]
+        self._report_unsupervised([s.index for s in samples if s.num_supervised == 0])
+        local_tokens = sum(s.num_predicted for s in kept)  # counted on the host: no device sync
+        step_tokens = self._all_processes_sum(float(local_tokens))
+        if step_tokens == 0:
+            return math.nan, 0.0
+        # DDP averages gradients over processes; scaling by the process count turns that into a sum.
+        per_process_tokens = step_tokens / self.accelerator.num_processes
+        loss_sum = self.accumulator.run(
+            self.step, kept, self.collator, self._loss_sum, self.accelerator.backward,
+            lambda: self.optimizer.zero_grad(set_to_none=True), lambda: self.accelerator.no_sync(self.model),
+            per_process_tokens,
+        )  # fmt: skip
+        return self._all_processes_sum(0.0 if loss_sum is None else loss_sum) / step_tokens, step_tokens
+
+    def train_step(self, samples: list) -> dict:
+        """One optimizer step: accumulate, clip, skip the update if anything is non-finite."""
+        self.step += 1
+        loss, step_tokens = self.accumulate_gradients(samples)
+        tokens = sum(len(s.input_ids) for s in samples)
+        if step_tokens == 0:
+            log.warning("step %d: no supervised tokens in the whole step; skipped", self.step)
+            lrs = self._learning_rates()
+            self.scheduler.step()
+            return {"loss": loss, "grad_norm": math.nan, "tokens": tokens, "skipped": True, **lrs}
+        max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))  # pre-clip norm
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self._non_finite(loss, grad_norm, [s.index for s in samples])
+        else:
+            self.bad_in_a_row = 0
+        if not skipped or self.train_cfg.mixed_precision == "fp16":  # the fp16 scaler skips and rescales itself
+            self.optimizer.step()
+        lrs = self._learning_rates()  # the ones this update used
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": skipped, **lrs}
 
-    def evaluate(self, num_samples: int) -> EvalResult:
-        tc = self.train_cfg
-        return evaluate(
-            self.model, self.parts.processor, self.parts.tokenizer, self.parts.val_set,
-            num_samples, tc.eval_batch_size, tc.max_new_tokens, self.device,
+    def _learning_rates(self) -> dict:
+        group = self.optimizer.param_groups[0]
+        return {
+            # The schedule's current factor applied to the base lr (groups may scale it per module).
+            "lr": self.train_cfg.lr * group["lr"] / group["initial_lr"],
+            **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+        }
+
+    def _all_processes_sum(self, value) -> float:
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        tensor = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(tensor, reduction="sum"))
+
+    def _report_unsupervised(self, indices: list[int]) -> None:
+        for index in indices:
+            self.skipped_samples.append(index)
+            log.warning(
+                "sample %d has no supervised tokens (answer missing or truncated away); skipped (%d so far). "
+                "See TROUBLESHOOTING.md#zero-supervised-tokens.", index, len(self.skipped_samples),
+            )  # fmt: skip
+
+    def _non_finite(self, loss: float, grad_norm: float, sample_ids: list[int]) -> None:
+        self.bad_in_a_row += 1
+        self.bad_total += 1
+        log.warning(
+            "step %d: non-finite loss %s or grad norm %s; update skipped (%d in a row, %d in total). Samples: %s. "
+            "See TROUBLESHOOTING.md#nan-or-inf-loss.", self.step, loss, grad_norm, self.bad_in_a_row, self.bad_total, sample_ids,
         )  # fmt: skip
+        if self.bad_in_a_row >= self.train_cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
+                f"{self.train_cfg.max_bad_steps}); last at step {self.step}, samples {sample_ids}. Lower train.lr, "
+                "check the data, or use bf16 instead of fp16. See TROUBLESHOOTING.md#nan-or-inf-loss."
+            )
+
+    # ----- the loop ------------------------------------------------------------------------------
+
+    def batches(self):
+        sampler = StepSampler(
+            len(self.parts.train_set), self.train_cfg.global_batch_size, self.train_cfg.seed, self.step,
+            self.accelerator.process_index, self.accelerator.num_processes,
+        )  # fmt: skip
+        encoded = EncodedDataset(self.parts.train_set, self.parts.processor)
+        return iter(step_loader(encoded, sampler, self.cfg.data.num_workers))
 
     def fit(self) -> dict:
         tc = self.train_cfg
         self.model.train()
         batches = self.batches()
         stats = {"loss": None}
-        progress = tqdm(range(1, tc.max_steps + 1), desc="train", dynamic_ncols=True)
-        for step in progress:
-            step_start = time.perf_counter()
-            batch = next(batches)
-            if batch["num_supervised_tokens"] == 0:
-                log.warning("step %d: no supervised tokens in the batch; skipped", step)
-                continue
-            stats = self.train_step(batch)
-            record = self._step_record(step, stats, batch, time.perf_counter() - step_start)
-            progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                self.train_log.write(record)
-                self.tracker.log(record, step)
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
-                self._log_eval(self.evaluate(tc.eval_samples), step)
+        progress = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.is_main)
+        with StopSignal() as stop:
+            while self.step < tc.max_steps:
+                step_start = time.perf_counter()
+                samples = next(batches)
+                data_wait = time.perf_counter() - step_start
+                stats = self.train_step(samples)
+                record = self._step_record(stats, time.perf_counter() - step_start, data_wait)
+                progress.update(1)
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                self._after_step(record, stop)
+                if stop.received:
+                    break
+        progress.close()
+        if stop.received:
+            return self._stopped(stop.received)
         return self._finish(stats["loss"])
 
-    def _step_record(self, step: int, stats: dict, batch: dict, elapsed: float) -> dict:
+    def _after_step(self, record: dict, stop: StopSignal) -> None:
+        tc, step = self.train_cfg, self.step
+        if self.is_main and (step % tc.log_every == 0 or step == tc.max_steps or record["skipped"]):
+            self.train_log.write(record)
+            self.tracker.log(record, step)
+        saved = False
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            result = self.evaluate(tc.eval_samples)
+            self._log_eval(result, step)
+            if self.checkpoints.record_eval(step, {"val_accuracy": result.accuracy}):
+                log.info("step %d: new best %s; saving its checkpoint", step, tc.best_metric)
+                self.save()
+                saved = True
+        if not saved and (stop.received or (tc.save_every and step % tc.save_every == 0)):
+            self.save()
+
+    def _step_record(self, stats: dict, elapsed: float, data_wait: float) -> dict:
         return {
-            "step": step,
-            **stats,
-            # The schedule's current factor, applied to the base lr (groups may scale it per module).
-            "lr": self.train_cfg.lr * self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["initial_lr"],
-            **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
-            "tokens_per_s": int(batch["attention_mask"].sum()) / elapsed,
+            "step": self.step,
+            **{k: v for k, v in stats.items() if k != "tokens"},
+            "tokens_per_s": stats["tokens"] * self.accelerator.num_processes / elapsed,
             "step_time_s": elapsed,
+            "data_wait_fraction": data_wait / elapsed,
+            "micro_batch_size": self.accumulator.micro_batch_size,
+            "peak_memory_bytes": peak_memory_bytes(self.accelerator.device),
         }
 
+    def evaluate(self, num_samples: int) -> EvalResult:
+        tc = self.train_cfg
+        return evaluate(
+            self.unwrapped, self.parts.processor, self.parts.tokenizer, self.parts.val_set,
+            num_samples, tc.eval_batch_size, tc.max_new_tokens, self.accelerator.device,
+        )  # fmt: skip
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = self.checkpoints.save(self.step, self._write_checkpoint) if self.is_main else None
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        save_checkpoint(directory, self.unwrapped, self.parts.tokenizer, self.cfg)
+        scaler = self.accelerator.scaler
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_states(),
+        }
+        torch.save(state, directory / TRAINING_STATE)
+        trainer_state = {
+            "step": self.step,
+            "global_batch_size": self.train_cfg.global_batch_size,
+            "micro_batch_size": self.accumulator.micro_batch_size,
+            "bad_steps_in_a_row": self.bad_in_a_row,
+            "bad_steps_total": self.bad_total,
+            "skipped_samples": self.skipped_samples,
+        }
+        (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))  # last: marks completion
+
+    def _load_weights(self, directory: Path) -> None:
+        """Model weights only (train.init_from): the next stage starting from the previous stage's result."""
+        try:
+            load_model(self.unwrapped, str(directory / "model.safetensors"), device=str(self.accelerator.device))
+        except (RuntimeError, FileNotFoundError) as err:
+            raise ResumeMismatchError(
+                f"cannot load weights from {directory}: {err}. The model config must match the checkpoint's "
+                "(compare its config.yaml). See TROUBLESHOOTING.md#resume-mismatch."
+            ) from err
+
+    def _resume(self, directory: Path) -> None:
+        trainer_state = json.loads((directory / TRAINER_STATE).read_text())
+        self._check_compatible(directory, trainer_state)
+        self._load_weights(directory)
+        state = torch.load(directory / TRAINING_STATE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        restore_rng_states(state["rng"])
+        self.step = trainer_state["step"]
+        self.accumulator.micro_batch_size = min(self.accumulator.micro_batch_size, trainer_state["micro_batch_size"])
+        self.bad_in_a_row, self.bad_total = trainer_state["bad_steps_in_a_row"], trainer_state["bad_steps_total"]
+        self.skipped_samples = trainer_state["skipped_samples"]
+        log.info("resumed from %s at step %d", directory, self.step)
+
+    def _check_compatible(self, directory: Path, trainer_state: dict) -> None:
+        problems = []
+        if trainer_state["global_batch_size"] != self.train_cfg.global_batch_size:
+            problems.append(f"train.global_batch_size {trainer_state['global_batch_size']} -> {self.train_cfg.global_batch_size}")
+        saved_vocab = AutoTokenizer.from_pretrained(directory / "tokenizer").get_vocab()
+        if saved_vocab != self.parts.tokenizer.get_vocab():
+            problems.append("the tokenizer differs from the checkpoint's")
+        if problems:
+            raise ResumeMismatchError(
+                f"cannot resume exactly from {directory}: {'; '.join(problems)}. Resume with the checkpoint's "
+                "config, or start a new run with train.init_from. See TROUBLESHOOTING.md#resume-mismatch."
+            )
+
+    # ----- the end -------------------------------------------------------------------------------
+
+    def _stopped(self, signal_name: str) -> dict:
+        summary = {"stopped_by": signal_name, "steps": self.step, "checkpoint": str(self.checkpoints.latest()),
+                   "wall_time_s": time.perf_counter() - self.started}  # fmt: skip
+        log.warning("stopped by %s at step %d; resume with train.resume=auto (same hydra.run.dir)", signal_name, self.step)
+        self.tracker.finish()
+        return summary
+
     def _finish(self, last_loss: float | None) -> dict:
-        """Evaluate on the whole validation split, save the checkpoint, write metrics and predictions."""
+        """Evaluate on the whole validation split, save the checkpoints, write metrics and predictions."""
         steps = self.train_cfg.max_steps
         final = self.evaluate(len(self.parts.val_set))
         self._log_eval(final, steps)
-        save_checkpoint(self.run_dir / "checkpoints" / "final", self.model, self.parts.tokenizer, self.cfg)
+        if self.is_main:
+            save_checkpoint(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg)
+        if self.train_cfg.save_every:
+            self.save()
         metrics = {
             "val_accuracy": final.accuracy,
             "val_accuracy_by_kind": final.accuracy_by_kind,
             "majority_baseline": majority_baseline([p["answer"] for p in final.predictions]),
             "steps": steps,
             "final_train_loss": last_loss,
-            "skipped_unsupervised_samples": len(self.collator.dropped_indices),
+            "skipped_unsupervised_samples": len(self.skipped_samples),
+            "skipped_non_finite_steps": self.bad_total,
+            "oom_back_offs": len(self.accumulator.back_offs),
+            "micro_batch_size": self.accumulator.micro_batch_size,
             "wall_time_s": time.perf_counter() - self.started,
         }
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (self.run_dir / "val_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in final.predictions))
-        self.tracker.log({f"final/{k}": v for k, v in metrics.items() if not isinstance(v, dict)}, steps)
+        if self.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            predictions = "".join(json.dumps(p) + "\n" for p in final.predictions)
+            (self.run_dir / "val_predictions.jsonl").write_text(predictions)
+            self._print_summary(metrics)
+        self.tracker.summary(metrics)
         self.tracker.finish()
         return metrics
 
+    def _print_summary(self, metrics: dict) -> None:
+        by_kind = ", ".join(f"{k} {v:.3f}" for k, v in metrics["val_accuracy_by_kind"].items())
+        loss = metrics["final_train_loss"]
+        loss = "n/a (no step run)" if loss is None else f"{loss:.4f}"
+        tqdm.write(
+            f"done: {metrics['steps']} steps in {metrics['wall_time_s']:.0f} s; final train loss {loss}; "
+            f"val accuracy {metrics['val_accuracy']:.3f} ({by_kind}); majority baseline {metrics['majority_baseline']:.3f}; "
+            f"OOM back-offs {metrics['oom_back_offs']}; skipped steps {metrics['skipped_non_finite_steps']}; run dir {self.run_dir}"
+        )
+
     def _log_eval(self, result: EvalResult, step: int) -> None:
+        if not self.is_main:
+            return
         by_kind = " ".join(f"{k}={v:.3f}" for k, v in result.accuracy_by_kind.items())
         tqdm.write(f"step {step}: val accuracy {result.accuracy:.3f} ({by_kind})")
         record = {"step": step, "val_accuracy": result.accuracy, **{f"val_accuracy/{k}": v for k, v in result.accuracy_by_kind.items()}}
         self.train_log.write(record)
         self.tracker.log(record, step)
+        rows = result.predictions[: self.train_cfg.eval_table_rows]
+        self.tracker.log_predictions(step, rows, [self.parts.val_set[p["index"]] for p in rows])

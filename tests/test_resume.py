@@ -1,0 +1,142 @@
+"""Exact resume: a run stopped (SIGTERM, or kill -9 mid-save) and resumed equals an uninterrupted one.
+
+Run: pytest tests/test_resume.py
+"""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY, TINY_VIT, compose_config, make_trainer, new_trainer
+from vlm.training.checkpoint_manager import (
+    TRAINER_STATE,
+    TRAINING_STATE,
+    CheckpointManager,
+)
+from vlm.training.trainer import ResumeMismatchError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+RUN = [f"train.max_steps={STEPS}", "train.global_batch_size=4", "train.save_every=2", "train.keep_last=2",
+       "train.warmup_steps=2", "train.lr=3e-3", "train.best_metric=null",
+       "+model.lm.config.attention_dropout=0.2"]  # dropout draws from the RNG that the checkpoint must restore  # fmt: skip
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def params(trainer: Trainer) -> dict:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not different, different[:5]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    trainer = make_trainer(run_dir, *RUN)
+    trainer.fit()
+    return run_dir, params(trainer)
+
+
+class StopAfter(Trainer):
+    """Delivers a real SIGTERM to this process after `stop_at` steps."""
+
+    stop_at = 3
+
+    def _after_step(self, record, stop):
+        if self.step == self.stop_at:
+            signal.raise_signal(signal.SIGTERM)
+        super()._after_step(record, stop)
+
+
+def test_sigterm_checkpoints_and_resume_is_bitwise_identical(straight, tmp_path):
+    cfg = compose_config(*TINY_VIT, "train.eval_every=0", "train.log_every=1", *RUN)
+    summary = new_trainer(cfg, tmp_path, StopAfter).fit()
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 3
+    assert (tmp_path / "checkpoints" / "step_00000003" / TRAINER_STATE).exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto")
+    assert resumed.step == 3
+    resumed.fit()
+    straight_dir, straight_params = straight
+    assert losses(tmp_path) == losses(straight_dir)  # every step, bitwise
+    assert_bitwise_equal(params(resumed), straight_params)
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, runpy
+from safetensors.torch import save_model
+import vlm.training.trainer as trainer_module
+
+def dying_write(self, directory):
+    if self.step == 6:  # half a checkpoint on disk, then the process dies as under kill -9
+        directory.mkdir(parents=True)
+        save_model(self.unwrapped, str(directory / "model.safetensors"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, directory)
+
+original = trainer_module.Trainer._write_checkpoint
+trainer_module.Trainer._write_checkpoint = dying_write
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(straight, tmp_path):
+    args = ["+experiment=shapes", *TINY, *TINY_VIT, "train.eval_every=0", "train.log_every=1", *RUN, f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoints.glob(".tmp-*")] == [f".tmp-step_00000006-{done_pid(checkpoints)}"]
+    manager = CheckpointManager(checkpoints, keep_last=2, best_metric=None)  # cleans the partial write
+    assert not list(checkpoints.glob(".tmp-*"))
+    assert manager.latest().name == "step_00000004"
+    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto")
+    assert resumed.step == 4
+    resumed.fit()
+    straight_dir, straight_params = straight
+    assert losses(tmp_path) == losses(straight_dir)
+    assert_bitwise_equal(params(resumed), straight_params)
+
+
+def done_pid(checkpoints: Path) -> int:
+    return int(next(checkpoints.glob(".tmp-*")).name.rsplit("-", 1)[1])
+
+
+def test_rotation_keeps_the_last_k_and_the_best(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2, best_metric="val_accuracy")
+
+    def write(directory: Path) -> None:
+        directory.mkdir()
+        (directory / TRAINING_STATE).write_bytes(b"x")
+        (directory / TRAINER_STATE).write_text("{}")
+
+    for step, accuracy in [(1, 0.2), (2, 0.9), (3, 0.5), (4, 0.6), (5, 0.7)]:
+        manager.record_eval(step, {"val_accuracy": accuracy})
+        manager.save(step, write)
+    assert [p.name for p in manager.checkpoints()] == ["step_00000002", "step_00000004", "step_00000005"]
+    assert manager.best() == {"step": 2, "metric": "val_accuracy", "value": 0.9}
+
+
+def test_resume_with_another_global_batch_size_is_refused(straight, tmp_path):
+    straight_dir, _ = straight
+    latest = CheckpointManager(straight_dir / "checkpoints", 2, None).latest()
+    with pytest.raises(ResumeMismatchError, match="global_batch_size 4 -> 8.*TROUBLESHOOTING.md#resume-mismatch"):
+        make_trainer(tmp_path, *RUN, "train.global_batch_size=8", f"train.resume={latest}")
+
+
+def test_resume_from_a_path_that_is_no_checkpoint_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.resume=.*nowhere.*not a complete checkpoint"):
+        make_trainer(tmp_path, *RUN, f"train.resume={tmp_path / 'nowhere'}")

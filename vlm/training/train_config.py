@@ -1,0 +1,67 @@
+"""The `train` config section: what the trainer, the optimizer and checkpointing read.
+
+Kept apart from the loop so optimizer, accumulation and checkpoint code can take it without
+importing the trainer.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModuleSettings:
+    """Per top-level module (vision, projector, lm). None means: inherit (stage, train.weight_decay)."""
+
+    trainable: bool | None = None
+    lr_scale: float = 1.0  # multiplies train.lr
+    weight_decay: float | None = None
+
+
+@dataclass
+class ParamOverride:
+    """Escape hatch for finer groups: settings for parameters whose full name matches `pattern` (re.search)."""
+
+    pattern: str = ""
+    trainable: bool | None = None
+    lr_scale: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = 1000
+    global_batch_size: int = 32  # samples per optimizer step, over all processes
+    micro_batch_size: int | None = None  # per process and forward; null: the whole per-process share
+    # Optimizer and schedule.
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | linear | constant (each after linear warmup)
+    lr_min_ratio: float = 0.1  # cosine decays to lr * lr_min_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    stage: str = "full"  # align (projector) | finetune (projector + lm) | full (everything)
+    modules: dict[str, ModuleSettings] = field(default_factory=dict)
+    param_overrides: list[ParamOverride] = field(default_factory=list)
+    # Stability.
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA; it uses a grad scaler)
+    activation_checkpointing: bool = False
+    # Memory.
+    simulate_oom_above: int | None = None  # testing: micro-batches above this many samples raise OOM
+    simulate_oom_above_tokens: int | None = None  # testing: ... or above this many tokens (batch x length)
+    simulate_oom_in: str = "forward"  # forward | backward: where the simulated OOM strikes
+    cuda_alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless already set; "" leaves it
+    # Logging, evaluation, checkpoints.
+    log_every: int = 10
+    eval_every: int = 500
+    eval_samples: int = 256
+    eval_batch_size: int = 128
+    eval_table_rows: int = 16  # predictions (with images) sent to the tracker at each evaluation
+    max_new_tokens: int = 8
+    save_every: int = 0  # steps between resumable checkpoints; 0: only at the end and on a stop signal
+    keep_last: int = 2
+    best_metric: str | None = "val_accuracy"  # keep the best checkpoint by this validation metric; null: off
+    init_from: str | None = None  # checkpoint whose weights start this run (e.g. finetune after align)
+    resume: str | None = None  # null | auto (newest valid checkpoint of this run directory) | PATH
