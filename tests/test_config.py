@@ -29,7 +29,7 @@ def test_every_experiment_composes_and_builds(experiment):
 def test_every_model_option_builds(group):
     options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
     for option in options:
-        shrink = ["+model.vision.model_kwargs.depth=2", "model.vision.feature_layer=-1"] if option == "vit_tiny" else []
+        shrink = ["+model.vision.model_kwargs.depth=2", "+model.vision.model_kwargs.patch_size=8", "model.vision.feature_layer=-1"] if option == "vit_tiny" else []
         parts = build_components(compose_config(f"{group}={option}", "model.vision.image_size=32", *shrink))
         assert parts.model.tokens_per_image > 0, option
 

@@ -6,6 +6,7 @@ Run: pytest tests/test_shapes.py
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, valid_questions
 from vlm.training.evaluation import majority_baseline
@@ -57,3 +58,17 @@ def test_extra_questions_have_unique_referents_and_true_answers():
         answers = [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
         for question, answer in zip(questions_asked(sample), answers):
             assert truth[question] == answer, (i, question)
+
+
+def test_extra_question_weights_shift_the_training_mix_only():
+    def position_share(split: str, weights: dict) -> float:
+        data = ShapesVQA(ShapesConfig(train_size=300, val_size=300, questions_per_image=3, extra_question_weights=weights), split, 32)
+        asked = [q for i in range(len(data)) for q in questions_asked(data[i])[1:] if q.startswith("Where")]
+        extras = sum(len(questions_asked(data[i])) - 1 for i in range(len(data)))
+        return len(asked) / max(1, extras)
+
+    assert position_share("train", {"position": 10.0}) > position_share("train", {}) + 0.2
+    val = ShapesVQA(ShapesConfig(val_size=50, questions_per_image=3, extra_question_weights={"position": 10.0}), "val", 32)
+    assert all(len(questions_asked(val[i])) == 1 for i in range(len(val)))
+    with pytest.raises(ValueError, match="extra_question_weights.*positoin"):
+        ShapesVQA(ShapesConfig(extra_question_weights={"positoin": 2.0}), "train", 32)

@@ -13,7 +13,7 @@ also from the training side of the hash. Validation always asks one question per
 """
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -41,6 +41,9 @@ class ShapesConfig:
     seed: int = 0
     val_fraction: float = 0.1  # share of discrete (scene, question) space reserved for validation
     questions_per_image: int = 1  # training only: up to this many question turns per image
+    # Training only: relative odds of each kind among the extra question turns (default 1 each). Lets a
+    # run spend more supervision on the kind that learns slowest; validation is never affected.
+    extra_question_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,9 @@ class ShapesVQA(Dataset):
 
     def __init__(self, cfg: ShapesConfig, split: str, image_size: int):
         self.cfg, self.split, self.image_size = cfg, split, image_size
+        unknown = set(cfg.extra_question_weights) - set(KINDS)
+        if unknown:
+            raise ValueError(f"data.dataset.extra_question_weights has unknown kinds {sorted(unknown)}; kinds: {KINDS}")
         self.size = cfg.train_size if split == "train" else cfg.val_size
         self._split_id = 0 if split == "train" else 1
 
@@ -161,13 +167,17 @@ class ShapesVQA(Dataset):
         if self.split != "train" or self.cfg.questions_per_image <= 1:
             return []
         candidates = [
-            (question, answer)
-            for question, answer, _ in valid_questions(scene.objects)
+            (question, answer, kind)
+            for question, answer, kind in valid_questions(scene.objects)
             if question != scene.question
             and not in_validation_space(Scene(scene.objects, question, answer, ""), self.cfg.val_fraction)
         ]
-        order = rng.permutation(len(candidates))[: self.cfg.questions_per_image - 1]
-        return [candidates[i] for i in order]
+        if not candidates:
+            return []
+        weights = np.array([self.cfg.extra_question_weights.get(kind, 1.0) for _, _, kind in candidates])
+        count = min(self.cfg.questions_per_image - 1, int((weights > 0).sum()))
+        order = rng.choice(len(candidates), size=count, replace=False, p=weights / weights.sum())
+        return [candidates[i][:2] for i in order]
 
     def __getitem__(self, index: int) -> dict:
         scene, rng = self._draw(index)

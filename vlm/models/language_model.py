@@ -17,9 +17,11 @@ class LMConfig:
     config: dict[str, Any] = field(default_factory=dict)  # model_type plus AutoConfig kwargs
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
+    vocab_size: int | None = None  # embedding rows if more than the tokenizer has (fixed benchmark shapes, padding)
 
 
 def build_language_model(cfg: LMConfig, vocab_size: int) -> PreTrainedModel:
+    vocab_size = max(vocab_size, cfg.vocab_size or 0)
     if cfg.pretrained:
         lm = AutoModelForCausalLM.from_pretrained(
             cfg.pretrained, attn_implementation=cfg.attn_implementation, dtype=cfg.dtype

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.compile_policy import mark_batch_and_sequence_dynamic, mark_batch_dynamic
 from vlm.data.chat_format import IGNORE_INDEX
 from vlm.models.language_model import LMConfig, build_language_model
 from vlm.models.projector import ProjectorConfig, build_projector
@@ -89,8 +90,13 @@ class VisionLanguageModel(nn.Module):
         self.vision.backbone.set_grad_checkpointing(True)
 
     def forward(self, batch: dict) -> CoreOutput:
+        """Python-side work (checks, image list -> tensor), then the tensor-only core."""
         pixel_values = self._images_tensor(batch)
-        return self._forward_core(batch["input_ids"], pixel_values, batch["attention_mask"], batch.get("labels"))
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch.get("labels")
+        # Outside any compiled frame: a compiled core then serves every batch size and length.
+        mark_batch_and_sequence_dynamic(input_ids, attention_mask, labels)
+        mark_batch_dynamic(pixel_values)
+        return self._forward_core(input_ids, pixel_values, attention_mask, labels)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         embeds = self.lm.get_input_embeddings()(input_ids)
@@ -109,7 +115,10 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, pixel_values)
         # Positions count real tokens only, so left padding does not shift them (as in generation).
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        # use_cache=False: a forward over whole sequences needs no KV cache (transformers builds one by default).
+        logits = self.lm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
         if labels is None:
             return CoreOutput(logits, None, None)
         # Padding is excluded by position, whatever its id.

@@ -107,9 +107,15 @@ def _group_name(module: str, lr_scale: float, weight_decay: float, groups: dict)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, settings: dict[str, ParamSettings]) -> torch.optim.Optimizer:
-    # foreach is the fast path on CPU and GPU; fused only exists for some device/dtype pairs.
-    groups = parameter_groups(model, cfg, settings)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=True)
+    return adamw(parameter_groups(model, cfg, settings), cfg.lr, tuple(cfg.betas))
+
+
+def adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel pass over all parameters: on a CPU the foreach version spent a quarter of
+    a small model's step in ten separate elementwise passes) where the parameters allow it, else foreach."""
+    tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else list(params)
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in tensors)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, fused=fusable, foreach=None if fusable else True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

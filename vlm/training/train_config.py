@@ -48,6 +48,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA; it uses a grad scaler)
     activation_checkpointing: bool = False
+    compile: str = "off"  # off | core (_forward_core whole) | regional (each vision/LM block); see compile_policy.py
     # Memory.
     simulate_oom_above: int | None = None  # testing: micro-batches above this many samples raise OOM
     simulate_oom_above_tokens: int | None = None  # testing: ... or above this many tokens (batch x length)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from vlm.build import build_components
+from vlm.compile_policy import apply_compile
 from vlm.config import typed_section
 from vlm.data.collate import Collator
 from vlm.data.datasets import EncodedDataset
@@ -89,6 +90,7 @@ class Trainer:
         apply_trainable(model, param_settings(model, tc))
         if tc.activation_checkpointing:
             model.enable_activation_checkpointing()
+        apply_compile(model, tc.compile)
         optimizer = build_optimizer(model, tc, param_settings(model, tc))
         self.scheduler = build_scheduler(optimizer, tc)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)

@@ -1,0 +1,107 @@
+"""torch.compile policy: which parts of the model compile, and how shapes stay dynamic.
+
+Modes (`train.compile`):
+- `off`: eager.
+- `core`: `VisionLanguageModel._forward_core` compiles whole, `fullgraph=True` (merge, vision, projector, LM,
+  loss in one graph; any graph break is an error, not a silent slowdown).
+- `regional`: each vision block and each LM decoder layer compiles on its own (`fullgraph=True`). Identical
+  blocks share one compiled graph, so the first step compiles one block, not the model: much lower latency.
+
+Batch and sequence dimensions are marked dynamic on the tensors that cross each compiled boundary, from
+eager code (marking inside a compiled frame is an error), so changing batch size or sequence length reuses
+the graph instead of recompiling; hidden and head sizes stay static so kernels specialise on them.
+Compiling swaps `forward` functions on the existing modules instead of wrapping modules, so parameter
+names, state dicts and checkpoints never gain an `_orig_mod.` prefix.
+"""
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+MODES = ("off", "core", "regional")
+
+
+def mark_batch_and_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
+    """[batch, seq, ...] tensors: dims 0 and 1 dynamic (a no-op in eager mode)."""
+    for tensor in tensors:
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            if tensor.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
+
+
+def mark_batch_dynamic(*tensors: torch.Tensor | None) -> None:
+    for tensor in tensors:
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
+def _mark_block_inputs(hidden: torch.Tensor, args: Iterable[Any], kwargs: dict, sequence: bool) -> None:
+    """Mark what enters a block: dim 0 (batch) of every tensor; with `sequence`, also the dims as long
+    as the hidden states' sequence: positions [B, T], hidden [B, T, H] and rotary cos/sin [B, T, D]
+    (their last dim, a feature size, stays static) and a mask [B, 1, T, T] (query and key length)."""
+    seq_len = hidden.shape[1] if sequence and hidden.dim() >= 3 else None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, tuple):  # rotary (cos, sin)
+            tensors += [v for v in value if isinstance(v, torch.Tensor)]
+    for tensor in tensors:
+        if tensor.dim() == 0:
+            continue
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        last = tensor.dim() - 1 if tensor.dim() == 3 else tensor.dim()
+        for dim in range(1, last):
+            if tensor.shape[dim] == seq_len:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _compile_block(block: nn.Module, sequence: bool) -> None:
+    """Compile `block.forward` in place; inputs are marked dynamic first, in eager code.
+
+    Without gradients (generation, with its KV cache objects) the block runs eagerly: decoding is
+    not what the compiled training step is for, and cache updates would break the full graph.
+    """
+    eager_forward = block.forward
+    compiled_forward = torch.compile(eager_forward, fullgraph=True)
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+            return eager_forward(*args, **kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        _mark_block_inputs(hidden, args, kwargs, sequence)
+        return compiled_forward(*args, **kwargs)
+
+    block.forward = forward
+
+
+def vision_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a timm backbone: ViT-style `blocks`, `stages`, or ResNet `layer1..4`."""
+    for name in ("blocks", "stages"):
+        container = getattr(backbone, name, None)
+        if isinstance(container, (nn.Sequential, nn.ModuleList)) and len(container):
+            return list(container)
+    layers = [getattr(backbone, f"layer{i}", None) for i in range(1, 5)]
+    return [layer for layer in layers if isinstance(layer, nn.Module) and not isinstance(layer, nn.Identity)]
+
+
+def lm_layers(lm: nn.Module) -> list[nn.Module]:
+    layers = getattr(lm.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"train.compile=regional: cannot find the decoder layers of {type(lm).__name__} (base_model.layers)")
+    return list(layers)
+
+
+def apply_compile(model: nn.Module, mode: str) -> None:
+    """Apply `mode` to a VisionLanguageModel in place."""
+    if mode not in MODES:
+        raise ValueError(f"train.compile={mode!r} is not one of: {', '.join(MODES)}")
+    if mode == "core":
+        model._forward_core = torch.compile(model._forward_core, fullgraph=True)
+    elif mode == "regional":
+        for block in vision_blocks(model.vision.backbone):
+            _compile_block(block, sequence=False)
+        for layer in lm_layers(model.lm):
+            _compile_block(layer, sequence=True)
