@@ -27,8 +27,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # --large-scale: LM 768 x 12 blocks, ViT 512 x 8 blocks at 224 px (49 image tokens after pixel shuffle).
 LARGE_SCALE = [
     "model/vision=vit_tiny", "model/projector=pixel_shuffle", "model.vision.image_size=224",
-    "model.vision.feature_layer=-1", "+model.vision.model_kwargs.patch_size=16", "+model.vision.model_kwargs.embed_dim=512",
-    "+model.vision.model_kwargs.depth=8", "+model.vision.model_kwargs.num_heads=8", "model.projector.factor=2",
+    "model.vision.feature_layer=-1", "++model.vision.model_kwargs.patch_size=16", "++model.vision.model_kwargs.embed_dim=512",
+    "++model.vision.model_kwargs.depth=8", "++model.vision.model_kwargs.num_heads=8", "model.projector.factor=2",
     "model.lm.config.hidden_size=768", "model.lm.config.intermediate_size=2048", "model.lm.config.num_hidden_layers=12",
     "model.lm.config.num_attention_heads=12", "model.lm.config.num_key_value_heads=4",
 ]  # fmt: skip

@@ -87,11 +87,12 @@ class Trainer:
         set_seed(tc.seed)
         self.parts = build_components(cfg)
         model = self.parts.model
-        apply_trainable(model, param_settings(model, tc))
+        settings = param_settings(model, tc)
+        apply_trainable(model, settings)
         if tc.activation_checkpointing:
             model.enable_activation_checkpointing()
         apply_compile(model, tc.compile)
-        optimizer = build_optimizer(model, tc, param_settings(model, tc))
+        optimizer = build_optimizer(model, tc, settings)
         self.scheduler = build_scheduler(optimizer, tc)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.share = self._per_process_share()
