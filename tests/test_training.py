@@ -17,7 +17,6 @@ from tests.conftest import TINY, compose_config, new_trainer
 from vlm.build import build_components
 from vlm.data.collate import Collator
 from vlm.training.checkpoint import load_checkpoint
-from vlm.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
