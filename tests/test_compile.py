@@ -5,6 +5,7 @@ Run: pytest tests/test_compile.py
 """
 
 import copy
+import math
 import random
 
 import pytest
@@ -78,3 +79,13 @@ def test_checkpoints_of_compiled_models_have_plain_names_and_reload(compiled, tm
     with torch.enable_grad():  # the compiled path; without gradients regional blocks run eagerly
         assert torch.allclose(model(batch).logits, loaded.model(batch).logits, atol=1e-5)
     model.train()
+
+
+def test_trainer_with_regional_compile_trains_evaluates_and_saves(tmp_path):
+    from tests.conftest import make_trainer
+
+    torch._dynamo.reset()
+    trainer = make_trainer(tmp_path, "train.compile=regional", "train.max_steps=2", "train.global_batch_size=4")
+    metrics = trainer.fit()  # evaluation generates with the blocks' eager path (no gradients, KV cache)
+    assert math.isfinite(metrics["final_train_loss"])
+    assert not [k for k in load_file(tmp_path / "checkpoints" / "final" / "model.safetensors") if "_orig_mod" in k]
