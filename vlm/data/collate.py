@@ -38,5 +38,5 @@ class Collator:
             "image_counts": [len(s.pixel_values) for s in samples],
             "sample_indices": [s.index for s in samples],
             # Counted here, on the host, so normalising the loss needs no device sync.
-            "num_supervised_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),  # position 0 is never predicted
+            "num_supervised_tokens": sum(s.num_predicted for s in samples),
         }

@@ -20,8 +20,6 @@ class StepSampler(Sampler[list[int]]):
                  rank: int = 0, world_size: int = 1):  # fmt: skip
         if global_batch_size > dataset_size:
             raise ValueError(f"train.global_batch_size={global_batch_size} exceeds the dataset's {dataset_size} samples")
-        if global_batch_size % world_size:
-            raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by {world_size} processes")
         self.dataset_size, self.global_batch_size, self.seed = dataset_size, global_batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.steps_per_epoch = dataset_size // global_batch_size  # the last partial batch of an epoch is dropped
