@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from vlm.build import build_components
 from vlm.debug.diagnostics import DebugOptions, Suite
+from vlm.training.device import configure_cpu_allocator
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,6 +132,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     args, overrides = parse_args(argv)
     cfg = load_config(overrides, args.large_scale)
+    configure_cpu_allocator(cfg.train.cpu_keep_freed_bytes)
     torch.manual_seed(0)
     parts = build_components(cfg)
     options = options_from(args, cfg)

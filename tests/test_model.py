@@ -85,6 +85,21 @@ def test_position_embedding_is_row_plus_column():
         build_projector(ProjectorConfig(type="mlp", position_embedding=True), 8, 16, num_patches=17)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "pixel_shuffle"])
+def test_output_norm_gives_image_tokens_the_text_embedding_scale(kind):
+    text_scale = 0.02
+    cfg = ProjectorConfig(type=kind, factor=2, position_embedding=True, output_norm=True)
+    projector = build_projector(cfg, 8, 64, num_patches=16, text_scale=text_scale)
+    tokens = projector(100 * torch.randn(3, 16, 8))  # loud vision features
+    rms = tokens.pow(2).mean(-1).sqrt()
+    # Content at the text scale plus positions at the text scale: sqrt(2) x text scale per token.
+    assert torch.allclose(rms, torch.full_like(rms, text_scale * 2**0.5), rtol=0.3)
+    positions = (projector.positions.rows + projector.positions.cols).flatten(0, 1)
+    assert 0.5 * text_scale < positions.pow(2).mean().sqrt() < 1.5 * text_scale
+    plain = build_projector(ProjectorConfig(type=kind, factor=2), 8, 64, num_patches=16, text_scale=text_scale)
+    assert plain(100 * torch.randn(3, 16, 8)).pow(2).mean().sqrt() > 100 * text_scale  # what it guards against
+
+
 def test_feature_layer_out_of_range_names_the_key():
     with pytest.raises(ValueError, match="model.vision.feature_layer=7 does not exist in resnet10t"):
         VisionEncoder(VisionConfig(name="resnet10t", feature_layer=7, image_size=32))

@@ -9,6 +9,10 @@ loud channels (colour) long before the quiet ones (shape).
 `position_embedding` adds a learned row vector plus a learned column vector to each image token:
 ConvNet features carry no explicit 2D position (ViTs do), RoPE alone only tells the LM offsets
 from the text, and a factorised row/column code makes "left" one direction for every row.
+`output_norm` LayerNorms each image token to the RMS of the LM's text embeddings (and starts the
+position embedding at that scale too). Without it a from-scratch projector emits tokens ~25x larger
+than text embeddings: the row/column code is a few percent of each token, and the LM's layers,
+whose outputs are text-sized, can barely change what the image tokens hold.
 """
 
 import math
@@ -24,22 +28,32 @@ class ProjectorConfig:
     factor: int = 2  # pixel_shuffle only: side of the patch block folded into one token
     input_norm: bool = False  # LayerNorm over each vision feature before projecting
     position_embedding: bool = False  # learned row + column embedding added to each image token
+    output_norm: bool = False  # LayerNorm image tokens to the scale of the LM's text embeddings
 
 
 class GridPositions(nn.Module):
     """Learned row and column embeddings, summed per token of a side x side grid (row-major)."""
 
-    def __init__(self, side: int, dim: int):
+    def __init__(self, side: int, dim: int, std: float):
         super().__init__()
-        self.rows = nn.Parameter(torch.randn(side, 1, dim) * 0.02)
-        self.cols = nn.Parameter(torch.randn(1, side, dim) * 0.02)
+        self.rows = nn.Parameter(torch.randn(side, 1, dim) * std)
+        self.cols = nn.Parameter(torch.randn(1, side, dim) * std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens + (self.rows + self.cols).flatten(0, 1)
 
 
-def _positions(enabled: bool, tokens: int, dim: int) -> nn.Module:
+def _output_norm(enabled: bool, dim: int, text_scale: float) -> nn.Module:
+    """LayerNorm whose gain starts at the RMS of the LM's text embeddings, so image tokens start at that scale."""
     if not enabled:
+        return nn.Identity()
+    norm = nn.LayerNorm(dim)
+    nn.init.constant_(norm.weight, text_scale)
+    return norm
+
+
+def _positions(cfg: ProjectorConfig, tokens: int, dim: int, text_scale: float) -> nn.Module:
+    if not cfg.position_embedding:
         return nn.Identity()
     side = math.isqrt(tokens)
     if side * side != tokens:
@@ -48,23 +62,26 @@ def _positions(enabled: bool, tokens: int, dim: int) -> nn.Module:
             "(prefix tokens kept?). Set model.vision.drop_prefix_tokens=true or position_embedding=false. "
             "See TROUBLESHOOTING.md#pixel-shuffle-grid."
         )
-    return GridPositions(side, dim)
+    # With output_norm, rows + columns together start at the image tokens' scale; else at a typical 0.02 init.
+    std = text_scale / math.sqrt(2) if cfg.output_norm else 0.02
+    return GridPositions(side, dim, std)
 
 
 class MLPProjector(nn.Module):
-    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int, cfg: ProjectorConfig):
+    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int, cfg: ProjectorConfig, text_scale: float):
         super().__init__()
         self.norm = nn.LayerNorm(vision_dim) if cfg.input_norm else nn.Identity()
         self.net = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
         self.tokens_per_image = num_patches
-        self.positions = _positions(cfg.position_embedding, num_patches, lm_dim)
+        self.out_norm = _output_norm(cfg.output_norm, lm_dim, text_scale)
+        self.positions = _positions(cfg, num_patches, lm_dim, text_scale)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.positions(self.net(self.norm(features)))
+        return self.positions(self.out_norm(self.net(self.norm(features))))
 
 
 class PixelShuffleProjector(nn.Module):
-    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int, cfg: ProjectorConfig):
+    def __init__(self, vision_dim: int, lm_dim: int, num_patches: int, cfg: ProjectorConfig, text_scale: float):
         super().__init__()
         factor = cfg.factor
         side = math.isqrt(num_patches)
@@ -78,7 +95,8 @@ class PixelShuffleProjector(nn.Module):
         self.norm = nn.LayerNorm(vision_dim) if cfg.input_norm else nn.Identity()
         self.proj = nn.Linear(vision_dim * factor * factor, lm_dim)
         self.tokens_per_image = num_patches // (factor * factor)
-        self.positions = _positions(cfg.position_embedding, self.tokens_per_image, lm_dim)
+        self.out_norm = _output_norm(cfg.output_norm, lm_dim, text_scale)
+        self.positions = _positions(cfg, self.tokens_per_image, lm_dim, text_scale)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = self.norm(features)
@@ -86,12 +104,15 @@ class PixelShuffleProjector(nn.Module):
         s, f = self.side, self.factor
         # [N, s*s, D] -> [N, s/f, f, s/f, f, D] -> [N, s/f, s/f, f, f, D]: each token holds one f x f block.
         blocks = features.reshape(n, s // f, f, s // f, f, dim).permute(0, 1, 3, 2, 4, 5)
-        return self.positions(self.proj(blocks.reshape(n, (s // f) ** 2, f * f * dim)))
+        return self.positions(self.out_norm(self.proj(blocks.reshape(n, (s // f) ** 2, f * f * dim))))
 
 
-def build_projector(cfg: ProjectorConfig, vision_dim: int, lm_dim: int, num_patches: int) -> nn.Module:
+def build_projector(
+    cfg: ProjectorConfig, vision_dim: int, lm_dim: int, num_patches: int, text_scale: float = 0.02
+) -> nn.Module:
+    """`text_scale`: RMS of the LM's input embeddings, the scale `output_norm` gives image tokens."""
     if cfg.type == "mlp":
-        return MLPProjector(vision_dim, lm_dim, num_patches, cfg)
+        return MLPProjector(vision_dim, lm_dim, num_patches, cfg, text_scale)
     if cfg.type == "pixel_shuffle":
-        return PixelShuffleProjector(vision_dim, lm_dim, num_patches, cfg)
+        return PixelShuffleProjector(vision_dim, lm_dim, num_patches, cfg, text_scale)
     raise ValueError(f"model.projector.type={cfg.type!r} is not one of: mlp, pixel_shuffle")

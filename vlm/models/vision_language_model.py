@@ -54,8 +54,9 @@ class VisionLanguageModel(nn.Module):
         self.token_ids = token_ids
         self.vision = VisionEncoder(cfg.vision)
         self.lm = build_language_model(cfg.lm, token_ids.vocab_size)
+        text_scale = self.lm.get_input_embeddings().weight.detach().pow(2).mean().sqrt().item()
         self.projector = build_projector(
-            cfg.projector, self.vision.embed_dim, self.lm.config.hidden_size, self.vision.num_patches
+            cfg.projector, self.vision.embed_dim, self.lm.config.hidden_size, self.vision.num_patches, text_scale
         )
         self.tokens_per_image = self.projector.tokens_per_image
 

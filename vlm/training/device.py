@@ -1,8 +1,11 @@
 """Device facts the trainer needs: moving batches, allocator settings, memory in use."""
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import resource
+import sys
 
 import torch
 
@@ -25,6 +28,34 @@ def configure_cuda_allocator(settings: str) -> None:
         log.warning("CUDA is already initialised; train.cuda_alloc_conf=%r cannot take effect", settings)
         return
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = settings
+
+
+# glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MAX_MMAP_THRESHOLD = 32 << 20
+
+
+def configure_cpu_allocator(keep_freed_bytes: int) -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS after every step.
+
+    By default glibc serves each block over ~128 KiB-32 MiB with its own mmap and returns the top
+    of the heap once 128 KiB are free. A training step frees all its activations, so the next step
+    maps them again and the kernel zero-fills every page on first touch: on a 2-core VM that cost
+    10-30% of a CPU step (bench_small 0.94 s -> 0.77 s). Raising both thresholds keeps the pages in
+    the heap. `keep_freed_bytes` = 0 leaves glibc's defaults. Returns whether it took effect
+    (Linux with glibc only; other allocators such as jemalloc/tcmalloc already cache memory).
+    """
+    if keep_freed_bytes <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, keep_freed_bytes)
+    if not ok:
+        log.warning("glibc rejected the allocator settings (train.cpu_keep_freed_bytes=%d)", keep_freed_bytes)
+    return bool(ok)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -54,6 +54,7 @@ class TrainConfig:
     simulate_oom_above_tokens: int | None = None  # testing: ... or above this many tokens (batch x length)
     simulate_oom_in: str = "forward"  # forward | backward: where the simulated OOM strikes
     cuda_alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless already set; "" leaves it
+    cpu_keep_freed_bytes: int = 1 << 30  # glibc keeps this much freed memory for the next step; 0: glibc default
     # Logging, evaluation, checkpoints.
     log_every: int = 10
     eval_every: int = 500

@@ -36,7 +36,12 @@ from vlm.training.checkpoint_manager import (
     restore_rng_states,
     rng_states,
 )  # fmt: skip
-from vlm.training.device import configure_cuda_allocator, move_to, peak_memory_bytes
+from vlm.training.device import (
+    configure_cpu_allocator,
+    configure_cuda_allocator,
+    move_to,
+    peak_memory_bytes,
+)
 from vlm.training.evaluation import EvalResult, evaluate, majority_baseline
 from vlm.training.optim import (
     apply_trainable,
@@ -77,6 +82,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         tc = self.train_cfg = typed_section(cfg.train, TrainConfig, "train")
         configure_cuda_allocator(tc.cuda_alloc_conf)
+        configure_cpu_allocator(tc.cpu_keep_freed_bytes)
         if tc.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device={tc.device!r} is not one of: auto, cpu, cuda")
         if tc.device == "cuda" and not torch.cuda.is_available():
