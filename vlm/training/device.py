@@ -30,9 +30,11 @@ def configure_cuda_allocator(settings: str) -> None:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = settings
 
 
-# glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit.
+# glibc mallopt parameters (malloc.h), the largest mmap threshold glibc accepts on 64-bit, and the
+# largest value mallopt's C int takes.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MAX_MMAP_THRESHOLD = 32 << 20
+_MAX_INT = 2**31 - 1
 
 
 def configure_cpu_allocator(keep_freed_bytes: int) -> bool:
@@ -52,7 +54,7 @@ def configure_cpu_allocator(keep_freed_bytes: int) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, keep_freed_bytes)
+    ok = mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, min(keep_freed_bytes, _MAX_INT))
     if not ok:
         log.warning("glibc rejected the allocator settings (train.cpu_keep_freed_bytes=%d)", keep_freed_bytes)
     return bool(ok)
