@@ -56,7 +56,11 @@ def configure_cpu_allocator(keep_freed_bytes: int) -> bool:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, min(keep_freed_bytes, _MAX_INT))
     if not ok:
-        log.warning("glibc rejected the allocator settings (train.cpu_keep_freed_bytes=%d)", keep_freed_bytes)
+        log.warning(
+            "glibc rejected the allocator settings (train.cpu_keep_freed_bytes=%d); CPU steps may page-fault. "
+            "See TROUBLESHOOTING.md#slow-cpu-steps-from-page-faults",
+            keep_freed_bytes,
+        )
     return bool(ok)
 
 
