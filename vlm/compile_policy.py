@@ -31,10 +31,15 @@ def mark_batch_and_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
 
-def mark_batch_dynamic(*tensors: torch.Tensor | None) -> None:
-    for tensor in tensors:
-        if tensor is not None:
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+def mark_image_count_unbacked(pixel_values: torch.Tensor | None) -> None:
+    """[num_images, C, H, W]: the image count becomes an unbacked size, one the graph never guards on.
+
+    A backed (merely dynamic) image count gets guarded by the CPU convolution's backend choice, which
+    tests `num_images >= 16` for stride-1 convs (one graph below 16 images, another from 16 on) and
+    `num_images > 1`. Unbacked, the compiled core serves any image count, one image included.
+    """
+    if pixel_values is not None:
+        torch._dynamo.decorators.mark_unbacked(pixel_values, 0, min=1)
 
 
 def _mark_block_inputs(hidden: torch.Tensor, args: Iterable[Any], kwargs: dict, sequence: bool) -> None:
@@ -99,7 +104,12 @@ def apply_compile(model: nn.Module, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"train.compile={mode!r} is not one of: {', '.join(MODES)}")
     if mode == "core":
-        model._forward_core = torch.compile(model._forward_core, fullgraph=True)
+        # Inductor's CPU layout optimisation makes convolutions channels-last, but fake tensors cannot
+        # predict a convolution's output strides over an unbacked image count (see
+        # mark_image_count_unbacked), and the compiled code's stride check then fails at run time.
+        model._forward_core = torch.compile(
+            model._forward_core, fullgraph=True, options={"layout_optimization": False}
+        )
     elif mode == "regional":
         for block in vision_blocks(model.vision.backbone):
             _compile_block(block, sequence=False)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.compile_policy import mark_batch_and_sequence_dynamic, mark_batch_dynamic
+from vlm.compile_policy import mark_batch_and_sequence_dynamic, mark_image_count_unbacked
 from vlm.data.chat_format import IGNORE_INDEX
 from vlm.models.language_model import LMConfig, build_language_model
 from vlm.models.projector import ProjectorConfig, build_projector
@@ -96,7 +96,7 @@ class VisionLanguageModel(nn.Module):
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch.get("labels")
         # Outside any compiled frame: a compiled core then serves every batch size and length.
         mark_batch_and_sequence_dynamic(input_ids, attention_mask, labels)
-        mark_batch_dynamic(pixel_values)
+        mark_image_count_unbacked(pixel_values)
         return self._forward_core(input_ids, pixel_values, attention_mask, labels)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
@@ -122,10 +122,12 @@ class VisionLanguageModel(nn.Module):
         ).logits
         if labels is None:
             return CoreOutput(logits, None, None)
-        # Padding is excluded by position, whatever its id.
-        targets = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)[:, 1:]
+        # Padding is excluded by position, whatever its id. Position t predicts label t+1: the labels are
+        # shifted (the last position gets nothing to predict), not the logits, so no [B, T-1, V] copy is made
+        # and the loss reduces over B*T rows like every other reduction in the graph (one size regime).
+        targets = F.pad(labels.masked_fill(attention_mask == 0, IGNORE_INDEX)[:, 1:], (0, 1), value=IGNORE_INDEX)
         loss_sum = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         return CoreOutput(logits, loss_sum, (targets != IGNORE_INDEX).sum())
 
