@@ -11,10 +11,15 @@ from vlm.data.chat_format import IGNORE_INDEX
 
 
 def synthetic_batch(
-    model, batch_size: int, seq_len: int, generator: torch.Generator, special_ids: set[int] | None = None
+    model,
+    batch_size: int,
+    seq_len: int,
+    generator: torch.Generator,
+    special_ids: set[int] | None = None,
+    padded: bool = True,
 ) -> dict:
     """One image per sample at positions 1..tokens_per_image, random text after it, right padding on all
-    rows but the first; the text after the image is supervised."""
+    rows but the first (none with `padded=False`); the text after the image is supervised."""
     ids = model.token_ids
     forbidden = {ids.image, ids.pad, ids.stop, *(special_ids or set())}
     allowed = torch.tensor([i for i in range(ids.vocab_size) if i not in forbidden])
@@ -25,6 +30,8 @@ def synthetic_batch(
     input_ids[:, 1 : 1 + per_image] = ids.image
     lengths = torch.randint(per_image + 3, seq_len + 1, (batch_size,), generator=generator)
     lengths[0] = seq_len  # the longest row sets the padded length
+    if not padded:
+        lengths[:] = seq_len
     attention_mask = (torch.arange(seq_len) < lengths[:, None]).long()
     input_ids = input_ids.masked_fill(attention_mask == 0, ids.pad)
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
