@@ -42,7 +42,7 @@ def unique_graphs() -> int:
 
 
 def test_varying_batch_and_sequence_cause_no_recompiles_after_warm_up(compiled):
-    parts = compiled[1]
+    _, parts, _, _ = compiled
     model, generator = parts.model, torch.Generator().manual_seed(0)
     rng = random.Random(0)
     # Warm-up: the extremes (CPU inductor picks a different sum kernel above 4096 elements: one guard on B*T), and
