@@ -22,6 +22,7 @@ TINY = [
     "model.lm.config.hidden_size=32",
     "model.lm.config.intermediate_size=64",
     "model.lm.config.num_hidden_layers=1",
+    "train.compile=off",  # compiling is tested in test_compile.py; elsewhere it would only cost seconds per run
 ]
 
 
