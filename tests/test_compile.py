@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from tests.conftest import TINY_VIT, compose_config
 from vlm.build import build_components
-from vlm.compile_policy import apply_compile
+from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.collate import Collator
 from vlm.debug.synthetic import synthetic_batch
 from vlm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -93,3 +93,11 @@ def test_trainer_with_regional_compile_trains_evaluates_and_saves(tmp_path):
     metrics = trainer.fit()  # evaluation generates with the blocks' eager path (no gradients, KV cache)
     assert math.isfinite(metrics["final_train_loss"])
     assert not [k for k in load_file(tmp_path / "checkpoints" / "final" / "model.safetensors") if "_orig_mod" in k]
+
+
+def test_cpu_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(caplog):
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), caplog.at_level("WARNING", logger="vlm.compile_policy"):
+        assert mode_for_device("regional", torch.device("cpu")) == "off"
+        assert mode_for_device("regional", torch.device("cuda")) == "regional"  # GPU kernels need no C++ compiler
+    assert "train.compile=regional" in caplog.text and "TROUBLESHOOTING.md#no-c-compiler-for-cpu-compile" in caplog.text
+    assert mode_for_device("core", torch.device("cpu")) == "core"  # this machine has one

@@ -14,10 +14,13 @@ Compiling swaps `forward` functions on the existing modules instead of wrapping 
 names, state dicts and checkpoints never gain an `_orig_mod.` prefix.
 """
 
+import logging
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 MODES = ("off", "core", "regional")
 
@@ -97,6 +100,33 @@ def lm_layers(lm: nn.Module) -> list[nn.Module]:
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"train.compile=regional: cannot find the decoder layers of {type(lm).__name__} (base_model.layers)")
     return list(layers)
+
+
+def missing_cpu_compiler() -> str | None:
+    """Why inductor cannot build its C++ CPU kernels on this machine (no C++ compiler found), or None."""
+    from torch._inductor import cpp_builder  # imported here: loading inductor is slow and eager runs never need it
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as err:  # InvalidCxxCompiler, or a platform-specific compiler check
+        return f"{type(err).__name__}: {err}".strip()
+    return None
+
+
+def mode_for_device(mode: str, device: torch.device) -> str:
+    """`mode`, or `off` with a warning when compiling for the CPU is impossible here, so a default config that
+    compiles still trains on a machine without a C++ compiler instead of failing at the first step."""
+    if mode == "off" or device.type != "cpu":
+        return mode
+    reason = missing_cpu_compiler()
+    if reason is None:
+        return mode
+    log.warning(
+        "train.compile=%s needs a C++ compiler for CPU kernels and none was found (%s); training eager instead. "
+        "Install g++ (or set CXX), or set train.compile=off to silence this. "
+        "See TROUBLESHOOTING.md#no-c-compiler-for-cpu-compile.", mode, reason.splitlines()[0],
+    )  # fmt: skip
+    return "off"
 
 
 def apply_compile(model: nn.Module, mode: str) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from vlm.build import build_components
-from vlm.compile_policy import apply_compile
+from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.config import typed_section
 from vlm.data.collate import Collator
 from vlm.data.datasets import EncodedDataset
@@ -97,7 +97,7 @@ class Trainer:
         apply_trainable(model, settings)
         if tc.activation_checkpointing:
             model.enable_activation_checkpointing()
-        apply_compile(model, tc.compile)
+        apply_compile(model, mode_for_device(tc.compile, self.accelerator.device))
         optimizer = build_optimizer(model, tc, settings)
         self.scheduler = build_scheduler(optimizer, tc)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
