@@ -96,8 +96,10 @@ def test_trainer_with_regional_compile_trains_evaluates_and_saves(tmp_path):
 
 
 def test_cpu_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(caplog):
-    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), caplog.at_level("WARNING", logger="vlm.compile_policy"):
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": ("no-such-c++-compiler",)})
+    with no_compiler, caplog.at_level("WARNING", logger="vlm.compile_policy"):
         assert mode_for_device("regional", torch.device("cpu")) == "off"
+        assert mode_for_device("regionl", torch.device("cpu")) == "regionl"  # left for apply_compile's error
         assert mode_for_device("regional", torch.device("cuda")) == "regional"  # GPU kernels need no C++ compiler
     assert "train.compile=regional" in caplog.text and "TROUBLESHOOTING.md#no-c-compiler-for-cpu-compile" in caplog.text
     assert mode_for_device("core", torch.device("cpu")) == "core"  # this machine has one

@@ -116,8 +116,8 @@ def missing_cpu_compiler() -> str | None:
 def mode_for_device(mode: str, device: torch.device) -> str:
     """`mode`, or `off` with a warning when compiling for the CPU is impossible here, so a default config that
     compiles still trains on a machine without a C++ compiler instead of failing at the first step."""
-    if mode == "off" or device.type != "cpu":
-        return mode
+    if mode == "off" or mode not in MODES or device.type != "cpu":
+        return mode  # an unknown mode is reported by apply_compile
     reason = missing_cpu_compiler()
     if reason is None:
         return mode
