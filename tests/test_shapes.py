@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, valid_questions
+from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, given_away, valid_questions
 from vlm.training.evaluation import majority_baseline
 
 
@@ -35,7 +35,8 @@ def test_splits_do_not_overlap_in_any_question_turn():
     train_keys = {
         Scene(train.scene(i).objects, question, "", "").key() for i in range(len(train)) for question in questions_asked(train[i])
     }
-    assert len(train_keys) > 3 * len(train)  # most training images carry several questions
+    # most training images carry several questions (a 1-object scene one: any other would be given away)
+    assert sum(len(questions_asked(train[i])) > 1 for i in range(len(train))) > 0.75 * len(train)
     assert all(len(questions_asked(val[i])) == 1 for i in range(len(val)))
     val_keys = {val.scene(i).key() for i in range(len(val))}
     assert len(val_keys) > 250  # validation is varied, not one scene repeated
@@ -53,11 +54,30 @@ def test_extra_questions_have_unique_referents_and_true_answers():
     cfg = ShapesConfig(train_size=200, questions_per_image=6)
     train = ShapesVQA(cfg, "train", 32)
     for i in range(len(train)):
-        truth = {q: a for q, a, _ in valid_questions(train.scene(i).objects)}
+        truth = {q.text: q.answer for q in valid_questions(train.scene(i).objects)}
         sample = train[i]
         answers = [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
         for question, answer in zip(questions_asked(sample), answers):
             assert truth[question] == answer, (i, question)
+
+
+def test_no_turn_is_answered_by_the_turns_before_it():
+    train = ShapesVQA(ShapesConfig(train_size=500, questions_per_image=6), "train", 32)
+    for i in range(len(train)):
+        by_text = {q.text: q for q in valid_questions(train.scene(i).objects)}
+        turns = [by_text[text] for text in questions_asked(train[i])]
+        objects_asked = [q.cell for q in turns if q.cell is not None]
+        assert len(objects_asked) == len(set(objects_asked)), (i, turns)  # never two turns about one object
+        for n, turn in enumerate(turns):
+            if turn.cell is None:  # "What colour is the circle?" before it would imply one circle
+                assert all(earlier.shape != turn.shape for earlier in turns[:n] if earlier.cell is not None), (i, turns)
+    # the examples the rule exists for
+    question = {q.text: q for q in valid_questions(((0, "circle", "red"), (3, "square", "blue")))}
+    first = [question["Where is the red circle?"]]
+    assert given_away(question["What shape is the red object?"], first)
+    assert given_away(question["How many circles are there?"], first)
+    assert not given_away(question["What shape is the blue object?"], first)
+    assert not given_away(question["How many squares are there?"], first)
 
 
 def test_extra_question_weights_shift_the_training_mix_only():

@@ -9,11 +9,13 @@ it gets one of its own.
 Training samples may ask several questions about one image as a multi-turn conversation
 (`questions_per_image`, as in LLaVA-style instruction data): the first question is the balanced
 one drawn with the scene, the others are further questions the scene answers unambiguously, each
-also from the training side of the hash. Validation always asks one question per image.
+also from the training side of the hash and none answered by the turns before it (no text shortcut).
+Validation always asks one question per image.
 """
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -93,22 +95,43 @@ def draw_scene(rng: np.random.Generator) -> Scene:
     return Scene(objects, f"Where is the {colour} {shape}?", CELLS[target[0]], kind)
 
 
-def valid_questions(objects: tuple) -> list[tuple[str, str, str]]:
-    """Every (question, answer, kind) the scene answers unambiguously (the referent is unique)."""
+class Question(NamedTuple):
+    text: str
+    answer: str
+    kind: str
+    cell: int | None  # the object asked about; None for a count question
+    shape: str  # that object's shape, or the shape counted
+
+
+def valid_questions(objects: tuple) -> list[Question]:
+    """Every question the scene answers unambiguously (the referent is unique)."""
     shapes = [shape for _, shape, _ in objects]
     colours = [colour for _, _, colour in objects]
     pairs = [(colour, shape) for _, shape, colour in objects]
     questions = []
     for cell, shape, colour in objects:
         if shapes.count(shape) == 1:
-            questions.append((f"What colour is the {shape}?", colour, "colour"))
+            questions.append(Question(f"What colour is the {shape}?", colour, "colour", cell, shape))
         if colours.count(colour) == 1:
-            questions.append((f"What shape is the {colour} object?", shape, "shape"))
+            questions.append(Question(f"What shape is the {colour} object?", shape, "shape", cell, shape))
         if pairs.count((colour, shape)) == 1:
-            questions.append((f"Where is the {colour} {shape}?", CELLS[cell], "position"))
+            questions.append(Question(f"Where is the {colour} {shape}?", CELLS[cell], "position", cell, shape))
     for shape in sorted(set(shapes)):
-        questions.append((f"How many {shape}s are there?", COUNT_WORDS[shapes.count(shape) - 1], "count"))
+        questions.append(Question(f"How many {shape}s are there?", COUNT_WORDS[shapes.count(shape) - 1], "count", None, shape))
     return questions
+
+
+def given_away(question: Question, earlier: list[Question]) -> bool:
+    """Whether earlier turns of the conversation answer `question` without looking at the image.
+
+    Any earlier turn about the same object does ("Where is the red circle?" answers "What shape is the red
+    object?"), and so does any earlier turn naming the counted shape as one object ("What colour is the
+    circle?" implies one circle). A model trained on such turns learns to copy from the text, a shortcut
+    that validation (one question per image) cannot use.
+    """
+    if question.cell is None:
+        return any(turn.cell is not None and turn.shape == question.shape for turn in earlier)
+    return any(turn.cell == question.cell for turn in earlier)
 
 
 def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -163,21 +186,24 @@ class ShapesVQA(Dataset):
     def scene(self, index: int) -> Scene:
         return self._draw(index)[0]
 
-    def _extra_questions(self, scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    def _extra_questions(self, scene: Scene, rng: np.random.Generator) -> list[Question]:
+        """Further questions on the training side of the split, each one not given away by the turns before it."""
         if self.split != "train" or self.cfg.questions_per_image <= 1:
             return []
+        valid = valid_questions(scene.objects)
+        asked = [next(q for q in valid if q.text == scene.question)]
         candidates = [
-            (question, answer, kind)
-            for question, answer, kind in valid_questions(scene.objects)
-            if question != scene.question
-            and not in_validation_space(Scene(scene.objects, question, answer, ""), self.cfg.val_fraction)
-        ]
-        if not candidates:
-            return []
-        weights = np.array([self.cfg.extra_question_weights.get(kind, 1.0) for _, _, kind in candidates])
-        count = min(self.cfg.questions_per_image - 1, int((weights > 0).sum()))
-        order = rng.choice(len(candidates), size=count, replace=False, p=weights / weights.sum())
-        return [candidates[i][:2] for i in order]
+            q for q in valid
+            if q.text != scene.question and self.cfg.extra_question_weights.get(q.kind, 1.0) > 0
+            and not in_validation_space(Scene(scene.objects, q.text, q.answer, ""), self.cfg.val_fraction)
+        ]  # fmt: skip
+        while len(asked) < self.cfg.questions_per_image:
+            candidates = [q for q in candidates if q not in asked and not given_away(q, asked)]
+            if not candidates:
+                break
+            weights = np.array([self.cfg.extra_question_weights.get(q.kind, 1.0) for q in candidates])
+            asked.append(candidates[rng.choice(len(candidates), p=weights / weights.sum())])
+        return asked[1:]
 
     def __getitem__(self, index: int) -> dict:
         scene, rng = self._draw(index)
@@ -185,8 +211,8 @@ class ShapesVQA(Dataset):
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.question}]},
             {"role": "assistant", "content": scene.answer},
         ]
-        for question, answer in self._extra_questions(scene, rng):
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        for question in self._extra_questions(scene, rng):
+            messages += [{"role": "user", "content": question.text}, {"role": "assistant", "content": question.answer}]
         return {
             "images": [render(scene, self.image_size, rng)],
             "messages": messages,
