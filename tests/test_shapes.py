@@ -92,3 +92,5 @@ def test_extra_question_weights_shift_the_training_mix_only():
     assert all(len(questions_asked(val[i])) == 1 for i in range(len(val)))
     with pytest.raises(ValueError, match="extra_question_weights.*positoin"):
         ShapesVQA(ShapesConfig(extra_question_weights={"positoin": 2.0}), "train", 32)
+    with pytest.raises(ValueError, match="extra_question_weights must be >= 0.*'count': -1.0"):
+        ShapesVQA(ShapesConfig(extra_question_weights={"count": -1.0}), "train", 32)

@@ -167,6 +167,9 @@ class ShapesVQA(Dataset):
         unknown = set(cfg.extra_question_weights) - set(KINDS)
         if unknown:
             raise ValueError(f"data.dataset.extra_question_weights has unknown kinds {sorted(unknown)}; kinds: {KINDS}")
+        negative = {kind: w for kind, w in cfg.extra_question_weights.items() if w < 0}
+        if negative:
+            raise ValueError(f"data.dataset.extra_question_weights must be >= 0 (0 leaves a kind out), got {negative}")
         self.size = cfg.train_size if split == "train" else cfg.val_size
         self._split_id = 0 if split == "train" else 1
 
