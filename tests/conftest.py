@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs composed through Hydra exactly as train.py composes them."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,15 +9,16 @@ from accelerate.state import AcceleratorState
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from tests.corpus import write_corpus
 from vlm.build import Components, build_components
+from vlm.data.shapes_export import export
 from vlm.training.trainer import Trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 # Small enough that building and a few steps take seconds on a 2-core CPU.
-TINY = [
-    "data.dataset.train_size=256",
-    "data.dataset.val_size=16",
+TINY_SHAPES = ["data.dataset.train_size=256", "data.dataset.val_size=16"]
+TINY_MODEL = [
     "data.tokenizer.vocab_size=300",
     "model.vision.image_size=32",
     "model.lm.config.hidden_size=32",
@@ -24,11 +26,14 @@ TINY = [
     "model.lm.config.num_hidden_layers=1",
     "train.compile=off",  # compiling is tested in test_compile.py; elsewhere it would only cost seconds per run
 ]
+TINY = TINY_SHAPES + TINY_MODEL
 
 
-def compose_config(*overrides: str, experiment: str = "shapes") -> DictConfig:
+def compose_config(*overrides: str, experiment: str = "shapes", data: list[str] | None = None) -> DictConfig:
+    """`data`: the dataset overrides (default: a tiny shapes dataset)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"+experiment={experiment}", *TINY, *overrides])
+        data = TINY_SHAPES if data is None else data
+        return compose("config", overrides=[f"+experiment={experiment}", *data, *TINY_MODEL, *overrides])
 
 
 # A tiny ViT: unlike BatchNorm backbones, its gradients do not depend on how a batch is split,
@@ -56,6 +61,19 @@ def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
 
 
 @pytest.fixture(scope="session")
+def shapes_llava(tmp_path_factory) -> list[str]:
+    """Data overrides for a 192-record LLaVA-format export of Shapes VQA (learnable, every record good)."""
+    path = export(tmp_path_factory.mktemp("shapes_llava"), records=192, image_size=32)
+    return [f"data.dataset.path={path}", "data.dataset.val_fraction=0.1"]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """The fixture corpus of tests/corpus.py: good, bad and unusual records (LLaVA JSON, JSONL and HF)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
 def tiny() -> Components:
     torch.manual_seed(0)
     return build_components(compose_config())
@@ -64,4 +82,9 @@ def tiny() -> Components:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+# Nothing in the suite may reach a hub: local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -16,9 +16,14 @@ from vlm.training.trainer import TrainConfig
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
 
+def data_of(experiment: str) -> str:
+    text = (Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").read_text()
+    return "llava" if "override /data: llava" in text else "shapes"
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_builds(experiment):
-    cfg = compose_config(experiment=experiment)
+def test_every_experiment_composes_and_builds(experiment, shapes_llava):
+    cfg = compose_config(experiment=experiment, data=shapes_llava if data_of(experiment) == "llava" else None)
     parts = build_components(cfg)
     sample = parts.processor(parts.train_set[0], 0)
     assert (sample.input_ids == parts.model.token_ids.image).sum() == parts.model.tokens_per_image

@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from vlm.data.bad_samples import BadSample
 from vlm.data.chat_format import IGNORE_INDEX, ChatFormat, ChatFormatConfig
 from vlm.data.processing import SampleProcessor
 from vlm.data.tokenizer import TokenizerConfig, build_tokenizer
@@ -69,20 +70,20 @@ def test_bos_not_doubled_for_tokenizer_that_adds_its_own(tmp_path, tiny):
     tokenizer = build_tokenizer(TokenizerConfig(pretrained=str(tmp_path)), [], ["<|im_start|>", "<|im_end|>"])
     assert tokenizer("hi")["input_ids"][0] == 0  # this tokenizer does add BOS by itself
     chat = ChatFormat(ChatFormatConfig(), tokenizer)
-    ids, _ = chat.encode(sample("hi", "hi")["messages"], image_run=[5, 5])
+    ids, _ = chat.encode(sample("hi", "hi")["messages"], image_runs=[[5, 5]])
     assert ids[0] == 0 and ids.count(0) == 1
 
 
-def test_truncated_answer_leaves_a_sample_without_supervised_tokens(tiny):
-    """The trainer reports such samples (tests/test_stability.py); here: truncation produces them."""
+def test_truncation_that_removes_every_answer_token_is_a_bad_sample(tiny):
+    """Counted and skipped by the trainer (tests/test_data.py); here: truncation is what makes it bad."""
     fits = len(tiny.processor(sample("Hi", "red"), 0).input_ids)
     processor = SampleProcessor(
         tiny.processor.chat_format, tiny.processor.image_transform, fits,
         tiny.model.token_ids.image, tiny.model.tokens_per_image,
     )  # fmt: skip
-    short = processor(sample("What colour is the circle?", "red"), 5)  # the answer is truncated away
-    kept = processor(sample("Hi", "red"), 6)
-    assert short.num_supervised == 0 and kept.num_supervised > 0
+    with pytest.raises(BadSample, match=r"sample 5: truncation to data.max_length=\d+ leaves no answer token.*answer_truncated"):
+        processor(sample("What colour is the circle?", "red"), 5)  # the answer is truncated away
+    assert processor(sample("Hi", "red"), 6).num_supervised > 0
 
 
 def test_truncation_into_image_placeholders_is_an_error(tiny):

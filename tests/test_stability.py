@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import compose_config, make_trainer, new_trainer
+from vlm.data.bad_samples import SkippedSample
+from vlm.data.datasets import EncodedDataset
 from vlm.training.trainer import NonFiniteLossError, Trainer
 
 
@@ -69,7 +71,7 @@ def test_pre_clip_norm_is_logged_and_clipping_bounds_the_update(tmp_path):
     assert stats["grad_norm"] == pytest.approx(float(unclipped), rel=1e-5) and stats["grad_norm"] > 1e-3
 
 
-def test_samples_without_supervised_tokens_are_reported_not_trained_on(tmp_path, caplog):
+def test_samples_without_supervised_tokens_are_counted_not_trained_on(tmp_path, caplog):
     trainer = make_trainer(tmp_path, "train.global_batch_size=2")
     raw = {
         "images": [np.zeros((32, 32, 3), dtype=np.uint8)],
@@ -78,14 +80,14 @@ def test_samples_without_supervised_tokens_are_reported_not_trained_on(tmp_path,
             {"role": "assistant", "content": "red"},
         ],
     }
-    good = trainer.parts.processor(raw, 6)
-    empty = trainer.parts.processor({**raw, "messages": raw["messages"][:1]}, 5)  # no answer at all
-    assert empty.num_supervised == 0
+    encoded = EncodedDataset([{**raw, "messages": raw["messages"][:1]}, raw], trainer.parts.processor)  # no answer, good
+    empty, good = encoded[0], encoded[1]
+    assert isinstance(empty, SkippedSample) and empty.reason == "nothing_to_learn"
     with caplog.at_level(logging.WARNING):
         loss, tokens = trainer.accumulate_gradients([empty, good])
     assert tokens == good.num_predicted and np.isfinite(loss)
-    assert trainer.skipped_samples == [5]
-    assert "sample 5 has no supervised tokens" in caplog.text and "zero-supervised-tokens" in caplog.text
+    assert trainer.data_skips.counts() == {"nothing_to_learn": 1}
+    assert "sample 0: has no assistant turn" in caplog.text and "samples-with-nothing-to-learn" in caplog.text
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):

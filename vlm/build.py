@@ -14,8 +14,9 @@ from transformers import PreTrainedTokenizerBase
 
 from vlm.config import typed_section
 from vlm.data.chat_format import ChatFormat
-from vlm.data.datasets import DataConfig, build_dataset, dataset_schema
-from vlm.data.processing import ImageTransform, SampleProcessor
+from vlm.data.datasets import DataConfig, build_dataset, check_data_config, dataset_corpus, dataset_schema
+from vlm.data.images import ImageTransform
+from vlm.data.processing import SampleProcessor
 from vlm.data.tokenizer import build_tokenizer
 from vlm.models.vision_language_model import ModelConfig, TokenIds, VisionLanguageModel
 
@@ -27,11 +28,13 @@ class Components:
     processor: SampleProcessor
     train_set: Dataset
     val_set: Dataset
+    data: DataConfig
 
 
 def data_config(cfg: DictConfig) -> DataConfig:
     data = typed_section(cfg.data, DataConfig, "data")
     data.dataset = typed_section(cfg.data.dataset, dataset_schema(cfg.data.dataset.name), "data.dataset")
+    check_data_config(data)
     return data
 
 
@@ -47,7 +50,10 @@ def token_ids_for(tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, i
 def build_processor(model: VisionLanguageModel, chat_format: ChatFormat, data: DataConfig) -> SampleProcessor:
     stats = timm.data.resolve_model_data_config(model.vision.backbone)
     transform = ImageTransform(model.cfg.vision.image_size, stats["mean"], stats["std"])
-    return SampleProcessor(chat_format, transform, data.max_length, model.token_ids.image, model.tokens_per_image)
+    return SampleProcessor(
+        chat_format, transform, data.max_length, model.token_ids.image, model.tokens_per_image,
+        data.image_splitting, data.max_image_pixels,
+    )  # fmt: skip
 
 
 def build_model_and_processor(
@@ -62,7 +68,7 @@ def build_model_and_processor(
 def tokenizer_corpus(train_set: Dataset, data: DataConfig) -> Iterator[str]:
     """The dataset's text, each item followed by the chat template's words, so they weigh as in training."""
     template = data.chat.template_words()
-    for text in train_set.corpus():
+    for text in dataset_corpus(train_set):
         yield text
         yield from template
 
@@ -74,4 +80,4 @@ def build_components(cfg: DictConfig) -> Components:
     val_set = build_dataset(data.dataset, "val", image_size)
     tokenizer = build_tokenizer(data.tokenizer, tokenizer_corpus(train_set, data), data.chat.special_tokens)
     model, processor = build_model_and_processor(cfg, data, tokenizer)
-    return Components(tokenizer, model, processor, train_set, val_set)
+    return Components(tokenizer, model, processor, train_set, val_set, data)

@@ -4,10 +4,11 @@ A conversation is rendered as segments of three kinds, each tokenized on its own
 - template text (BOS, role headers, end-of-turn): special tokens in it are recognised;
 - user/assistant text: special tokens are split into plain text, so a user who types "<image>"
   gets the characters, never a placeholder;
-- images: a run of `tokens_per_image` image-token ids.
+- images: a run of `tokens_per_image` image-token ids per image (per tile with image splitting), never supervised.
 Training and generation both go through `encode`, so BOS and headers can never differ between them.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -63,36 +64,47 @@ class ChatFormat:
     def _template(self, text: str) -> list[int]:
         return list(self._template_cached(text)) if text else []
 
-    def _content(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
+        """Plain text (special-token strings stay characters)."""
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def _message_body(self, content: Any, image_run: list[int]) -> list[int]:
-        """A message's content: a string, or a list of {"type": "text"|"image"} parts."""
+    def _message_body(self, content: Any, image_runs: Iterator[list[int]]) -> tuple[list[int], list[int]]:
+        """A message's ids and their labels-if-supervised: image runs are never supervised."""
         if isinstance(content, str):
-            return self._content(content)
-        ids: list[int] = []
+            ids = self.text_ids(content)
+            return ids, list(ids)
+        ids, targets = [], []
         for part in content:
-            ids += image_run if part["type"] == "image" else self._content(part["text"])
-        return ids
+            if part["type"] == "image":
+                run = next(image_runs)
+                ids += run
+                targets += [IGNORE_INDEX] * len(run)
+            else:
+                text = self.text_ids(part["text"])
+                ids += text
+                targets += text
+        return ids, targets
 
     def encode(
-        self, messages: list[dict], image_run: list[int], add_generation_prompt: bool = False
+        self, messages: list[dict], image_runs: list[list[int]], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels; labels keep only assistant text and its end-of-turn tokens.
 
-        `image_run` is the placeholder ids one image expands to (image token x tokens per image).
+        `image_runs` holds, per image in order, the ids its `{"type": "image"}` part expands to (image
+        placeholders, and with image splitting the tile-position text between the tiles' runs).
         """
+        runs = iter(image_runs)
         ids, labels = self._template(self.bos), []
         labels += [IGNORE_INDEX] * len(ids)
         for message in messages:
             header = self._template(self.cfg.role_headers[message["role"]])
-            body = self._message_body(message["content"], image_run)
+            body, targets = self._message_body(message["content"], runs)
             tail = self.end_of_turn_ids
             sep = self._template(self.cfg.turn_separator)
             supervised = message["role"] == "assistant"
             ids += header + body + tail + sep
             labels += [IGNORE_INDEX] * len(header)
-            labels += (body + tail) if supervised else [IGNORE_INDEX] * (len(body) + len(tail))
+            labels += (targets + tail) if supervised else [IGNORE_INDEX] * (len(body) + len(tail))
             labels += [IGNORE_INDEX] * len(sep)
         if add_generation_prompt:
             header = self._template(self.cfg.role_headers["assistant"])

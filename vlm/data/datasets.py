@@ -1,26 +1,58 @@
-"""Dataset registry and the wrapper that encodes raw samples for the model."""
+"""The dataset contract, the registry of formats, and the wrapper that encodes raw samples for the model.
 
+The contract, in one place. A dataset is a map-style `torch.utils.data.Dataset`, built as
+`Dataset(cfg, split, image_size)` with `split` "train" or "val", whose items are raw samples:
+- required: `images`, a list of images (PIL image, HxWx3 uint8 array, bytes, `{"bytes", "path"}`, or a
+  file path), and `messages`, a list of `{"role": "user" | "assistant" | "system", "content": str |
+  [{"type": "image"} | {"type": "text", "text": str}]}` with one image part per image, in order;
+- optional: `id` (named in every message about the sample), `answer` (the reference for exact-match
+  evaluation; default: the last assistant message), `kind` (accuracy is also reported per kind).
+`__getitem__` raises `BadSample(reason, detail)` for a record it cannot turn into a sample; the
+sample is then skipped and counted (bad_samples.py). Optional: `corpus(limit)` yielding text for a
+locally trained tokenizer, when reading samples is expensive (default: the first samples' messages).
+A new format is one small file registered in DATASETS (see llava.py, hf.py, shapes.py).
+"""
+
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from vlm.data.bad_samples import BadSample, SkippedSample
 from vlm.data.chat_format import ChatFormatConfig
+from vlm.data.hf import HFConfig, HFDataset
+from vlm.data.images import ImageSplittingConfig
+from vlm.data.llava import LlavaConfig, LlavaDataset
 from vlm.data.processing import EncodedSample, SampleProcessor
 from vlm.data.shapes import ShapesConfig, ShapesVQA
 from vlm.data.tokenizer import TokenizerConfig
 
+ON_ERROR = ("skip", "raise")
+
 
 @dataclass
 class DataConfig:
-    dataset: Any = field(default_factory=ShapesConfig)  # validated against the dataset's own schema
+    dataset: Any = field(default_factory=dict)  # validated against its own format's schema (DATASETS)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chat: ChatFormatConfig = field(default_factory=ChatFormatConfig)
     max_length: int = 256
     num_workers: int = 0
+    image_splitting: ImageSplittingConfig = field(default_factory=ImageSplittingConfig)
+    max_image_pixels: int | None = None  # larger images are bad samples; null: PIL's decompression-bomb limit
+    on_error: str = "skip"  # skip: leave a bad sample out and count it | raise: stop naming it
+    max_skip_fraction: float = 0.05  # stop when more of the samples drawn so far were bad ...
+    skip_check_after: int = 256  # ... judged once this many samples were drawn
 
 
-DATASETS = {"shapes": (ShapesConfig, ShapesVQA)}
+DATASETS = {"shapes": (ShapesConfig, ShapesVQA), "llava": (LlavaConfig, LlavaDataset), "hf": (HFConfig, HFDataset)}
+
+
+def check_data_config(data: DataConfig) -> None:
+    if data.on_error not in ON_ERROR:
+        raise ValueError(f"data.on_error={data.on_error!r} is not one of: {', '.join(ON_ERROR)}")
+    if not 0 <= data.max_skip_fraction <= 1:
+        raise ValueError(f"data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1]")
 
 
 def dataset_schema(name: str) -> type:
@@ -30,11 +62,30 @@ def dataset_schema(name: str) -> type:
 
 
 def build_dataset(dataset_cfg: Any, split: str, image_size: int) -> Dataset:
-    return DATASETS[dataset_cfg.name][1](dataset_cfg, split, image_size)
+    dataset = DATASETS[dataset_cfg.name][1](dataset_cfg, split, image_size)
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split of data.dataset ({dataset_cfg.name}) is empty; for validation set "
+                         "data.dataset.val_fraction > 0 or a validation path/split")  # fmt: skip
+    return dataset
+
+
+def dataset_corpus(dataset: Dataset, limit: int = 2000) -> Iterator[str]:
+    """Text to train a local tokenizer on: the dataset's own `corpus`, or its first samples' messages."""
+    if hasattr(dataset, "corpus"):
+        yield from dataset.corpus(limit)
+        return
+    for index in range(min(limit, len(dataset))):
+        try:
+            messages = dataset[index]["messages"]
+        except BadSample:
+            continue
+        for message in messages:
+            content = message["content"]
+            yield from [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
 
 
 class EncodedDataset(Dataset):
-    """Encodes raw samples on access (in DataLoader workers when there are any)."""
+    """Encodes raw samples on access (in DataLoader workers when there are any); a bad one becomes SkippedSample."""
 
     def __init__(self, raw: Dataset, processor: SampleProcessor):
         self.raw, self.processor = raw, processor
@@ -42,5 +93,8 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.raw)
 
-    def __getitem__(self, index: int) -> EncodedSample:
-        return self.processor(self.raw[index], index)
+    def __getitem__(self, index: int) -> EncodedSample | SkippedSample:
+        try:
+            return self.processor(self.raw[index], index)
+        except BadSample as err:
+            return SkippedSample.from_error(index, err)

@@ -1,18 +1,20 @@
-"""Turns one raw sample (images + conversation) into model inputs, with checks that name the sample.
+"""Turns one raw sample (images + conversation) into model inputs; a sample it cannot use is a `BadSample`.
 
-A raw sample is `{"images": [...], "messages": [...]}`; images may be PIL images, HxWx3 uint8
-arrays or file paths. Output: token ids, labels, and the images as one normalised float tensor.
+A raw sample is `{"images": [...], "messages": [...]}` (see datasets.py for the whole contract); images
+may be PIL images, HxWx3 uint8 arrays, bytes or file paths. Output: token ids, labels, and the images
+(or, with image splitting, their tiles and global views) as one normalised float tensor.
+Checks here run per sample, before batching, so one bad record costs only itself: conversation
+shape, one image part per image, something to learn, truncation that would cut an image.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from vlm.data.bad_samples import BadSample, sample_label
 from vlm.data.chat_format import IGNORE_INDEX, ChatFormat
+from vlm.data.images import ImageSplittingConfig, ImageTransform, load_image, split_image
 
 
 @dataclass
@@ -20,7 +22,8 @@ class EncodedSample:
     index: int
     input_ids: torch.Tensor  # [T] long
     labels: torch.Tensor  # [T] long, IGNORE_INDEX where not supervised
-    pixel_values: torch.Tensor  # [num_images, 3, H, W] float
+    pixel_values: torch.Tensor  # [num_views, 3, H, W] float: one view per image, or tiles + global view each
+    num_images: int = 0  # images of the raw sample (before splitting into views)
 
     @property
     def num_supervised(self) -> int:
@@ -32,34 +35,17 @@ class EncodedSample:
         return int((self.labels[1:] != IGNORE_INDEX).sum())
 
 
-class ImageTransform:
-    """Resize to the encoder's size and normalise with its mean/std (both from timm's data config)."""
+def image_part_count(messages: list[dict]) -> int:
+    return sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
 
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
-        self.image_size = image_size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
 
-    def __call__(self, image: Any, sample_index: int) -> torch.Tensor:
-        array = np.array(self._load(image, sample_index))  # a writable copy: torch refuses read-only arrays
-        pixels = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
-        return (pixels - self.mean) / self.std
-
-    def _load(self, image: Any, sample_index: int) -> Image.Image | np.ndarray:
-        if isinstance(image, np.ndarray) and image.shape[:2] == (self.image_size, self.image_size):
-            return image
-        if isinstance(image, (str, Path)):
-            try:
-                with Image.open(image) as opened:
-                    image = opened.convert("RGB")
-            except (OSError, UnidentifiedImageError) as err:
-                raise ValueError(
-                    f"sample {sample_index}: cannot read image file {image!r} ({err}). "
-                    "See TROUBLESHOOTING.md#corrupt-or-unreadable-image."
-                ) from err
-        elif isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        return image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+def last_answer(messages: list[dict]) -> str | None:
+    """The text of the last assistant message (the reference answer for evaluation), or None."""
+    for message in reversed(messages):
+        if message["role"] == "assistant":
+            content = message["content"]
+            return content if isinstance(content, str) else "".join(p.get("text", "") for p in content if p["type"] == "text")
+    return None
 
 
 class SampleProcessor:
@@ -70,40 +56,119 @@ class SampleProcessor:
         max_length: int,
         image_token_id: int,
         tokens_per_image: int,
+        splitting: ImageSplittingConfig | None = None,
+        max_image_pixels: int | None = None,
     ):
         self.chat_format = chat_format
         self.image_transform = image_transform
         self.max_length = max_length
         self.image_token_id = image_token_id
         self.image_run = [image_token_id] * tokens_per_image
+        self.splitting = splitting or ImageSplittingConfig()
+        self.max_image_pixels = max_image_pixels
 
     def __call__(self, sample: dict, index: int) -> EncodedSample:
-        ids, labels = self.chat_format.encode(sample["messages"], self.image_run)
-        return self._finish(sample, index, ids, labels)
+        """The training encoding: raises BadSample if the sample cannot be trained on."""
+        label = sample_label(index, sample)
+        self._check_conversation(sample, label, need_answer=True)
+        return self._full(sample, index, label, *self._images(sample, label))
 
     def encode_prompt(self, sample: dict, index: int) -> EncodedSample:
         """Everything before the last assistant answer, plus the assistant header (for generation)."""
+        label = sample_label(index, sample)
+        self._check_conversation(sample, label, need_answer=False)
+        return self._prompt(sample, index, label, *self._images(sample, label))
+
+    def encode_for_eval(self, sample: dict, index: int) -> tuple[EncodedSample, EncodedSample]:
+        """(training encoding, generation prompt), the images loaded once for both."""
+        label = sample_label(index, sample)
+        self._check_conversation(sample, label, need_answer=True)
+        runs, pixels = self._images(sample, label)
+        return self._full(sample, index, label, runs, pixels), self._prompt(sample, index, label, runs, pixels)
+
+    def _full(self, sample: dict, index: int, label: str, runs: list, pixels: torch.Tensor) -> EncodedSample:
+        ids, labels = self.chat_format.encode(sample["messages"], runs)
+        full = self._finish(index, label, ids, labels, pixels, len(runs))
+        if full.num_predicted == 0:
+            raise BadSample("answer_truncated", f"truncation to data.max_length={self.max_length} leaves no answer "
+                            "token to learn from; raise data.max_length", label)  # fmt: skip
+        return full
+
+    def _prompt(self, sample: dict, index: int, label: str, runs: list, pixels: torch.Tensor) -> EncodedSample:
         messages = sample["messages"]
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        ids, labels = self.chat_format.encode(messages, self.image_run, add_generation_prompt=True)
-        return self._finish(sample, index, ids, labels)
+        ids, labels = self.chat_format.encode(messages, runs, add_generation_prompt=True)
+        return self._finish(index, label, ids, labels, pixels[: self._views_in(messages, runs)], len(runs))
 
-    def _finish(self, sample: dict, index: int, ids: list[int], labels: list[int]) -> EncodedSample:
-        images = sample.get("images", [])
+    def _views_in(self, messages: list[dict], runs: list[list[int]]) -> int:
+        """Image views used by `messages` (a prompt may drop a final answer that held images)."""
+        used = runs[: image_part_count(messages)]
+        return sum(run.count(self.image_token_id) for run in used) // len(self.image_run)
+
+    def _check_conversation(self, sample: dict, label: str, need_answer: bool) -> None:
+        messages = sample.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadSample("malformed_record", "has no messages", label)
+        roles = self.chat_format.cfg.role_headers
+        for turn, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in roles:
+                role = message.get("role") if isinstance(message, dict) else message
+                raise BadSample("malformed_record", f"message {turn} has role {role!r}, not one of {sorted(roles)}", label)
+            if not _valid_content(message.get("content")):
+                raise BadSample("malformed_record", f"message {turn} has content {message.get('content')!r}: expected "
+                                "a string or a list of {type: image} / {type: text, text: str} parts", label)  # fmt: skip
+        parts, images = image_part_count(messages), len(sample.get("images", []))
+        if parts != images:
+            raise BadSample("marker_mismatch", f"{parts} image marker(s) in the conversation but {images} image(s)", label)
+        if need_answer and not any(m["role"] == "assistant" and (last_answer([m]) or "").strip() for m in messages):
+            raise BadSample("nothing_to_learn", "has no assistant turn with a non-empty answer", label)
+
+    def _images(self, sample: dict, label: str) -> tuple[list[list[int]], torch.Tensor]:
+        """Per image: the ids its image part expands to, and all views as one [N, 3, H, W] tensor."""
+        runs, views = [], []
+        for source in sample.get("images", []):
+            image = load_image(source, label, self.max_image_pixels)
+            if self.splitting.enabled:
+                tiles, grid = split_image(image, self.image_transform.image_size, self.splitting.max_tiles)
+            else:
+                tiles, grid = [image], (1, 1)
+            runs.append(self._layout(grid))
+            views += [self.image_transform(tile) for tile in tiles]
+        size = self.image_transform.image_size
+        return runs, torch.stack(views) if views else torch.empty(0, 3, size, size)
+
+    def _layout(self, grid: tuple[int, int]) -> list[int]:
+        """One image's ids: tiles each preceded by its grid position as text, then the global view."""
+        rows, cols = grid
+        if rows * cols == 1:
+            return self.image_run
+        ids = []
+        for r in range(rows):
+            for c in range(cols):
+                ids += self.chat_format.text_ids(f"<row_{r + 1}_col_{c + 1}>") + self.image_run
+            ids += self.chat_format.text_ids("\n")
+        return ids + self.chat_format.text_ids("<global_img>") + self.image_run
+
+    def _finish(self, index: int, label: str, ids: list[int], labels: list[int], pixels: torch.Tensor, num_images: int) -> EncodedSample:
         if len(ids) > self.max_length:
             expected = ids.count(self.image_token_id)
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             kept = ids.count(self.image_token_id)
             if kept != expected:
-                raise ValueError(
-                    f"sample {index}: truncation to data.max_length={self.max_length} cuts into its image "
-                    f"placeholders ({kept} of {expected} kept). Raise data.max_length. "
-                    "See TROUBLESHOOTING.md#placeholder-count-mismatch."
-                )
-        pixel_values = (
-            torch.stack([self.image_transform(img, index) for img in images])
-            if images
-            else torch.empty(0, 3, self.image_transform.image_size, self.image_transform.image_size)
-        )
-        return EncodedSample(index, torch.tensor(ids), torch.tensor(labels), pixel_values)
+                raise BadSample(
+                    "truncation_cuts_image",
+                    f"truncation to data.max_length={self.max_length} cuts into its image placeholders ({kept} of "
+                    f"{expected} kept); raise data.max_length",
+                    label,
+                )  # fmt: skip
+        return EncodedSample(index, torch.tensor(ids), torch.tensor(labels), pixels, num_images)
+
+
+def _valid_content(content: Any) -> bool:
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+        for p in content
+    )

@@ -28,6 +28,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 BEST = "best.json"
+HIGHER_IS_BETTER = {"val_accuracy": True, "val_loss": False}  # the metrics evaluation reports
 
 
 def rng_states() -> dict:
@@ -60,6 +61,9 @@ def is_complete(path: Path) -> bool:
 
 class CheckpointManager:
     def __init__(self, directory: Path, keep_last: int, best_metric: str | None):
+        if best_metric is not None and best_metric not in HIGHER_IS_BETTER:
+            raise ValueError(f"train.best_metric={best_metric!r} is not a metric evaluation reports; use one of "
+                             f"{sorted(HIGHER_IS_BETTER)} or null")  # fmt: skip
         self.directory = Path(directory)
         self.keep_last, self.best_metric = keep_last, best_metric
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -89,11 +93,11 @@ class CheckpointManager:
         return final
 
     def record_eval(self, step: int, metrics: dict) -> bool:
-        """Remember the best step by `best_metric` (higher is better); True if this step is the new best."""
+        """Remember the best step by `best_metric`; True if this step is the new best."""
         if not self.best_metric or self.best_metric not in metrics:
             return False
-        best = self.best()
-        if best is not None and best["value"] >= metrics[self.best_metric]:
+        best, value = self.best(), metrics[self.best_metric]
+        if best is not None and (value <= best["value"] if HIGHER_IS_BETTER[self.best_metric] else value >= best["value"]):
             return False
         record = {"step": step, "metric": self.best_metric, "value": metrics[self.best_metric]}
         tmp = self.directory / f".tmp-{BEST}"

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlm.data.images import load_image
+
 
 @dataclass
 class LoggerConfig:
@@ -79,7 +81,7 @@ class WandbTracker(Tracker):
             question = _first_question(sample["messages"])
             table.add_data(p["index"], p["kind"], question, p["answer"], p["prediction"], p["correct"])
             caption = f"#{p['index']} {question} -> {p['prediction']!r} (answer {p['answer']!r})"
-            images += [wandb.Image(image, caption=caption) for image in sample["images"][:1]]
+            images += [wandb.Image(load_image(image, str(p["index"])), caption=caption) for image in sample["images"][:1]]
         self.run.log({"val/predictions": table, "val/prediction_images": images}, step=step)
 
     def summary(self, metrics: dict) -> None:
@@ -90,7 +92,7 @@ class WandbTracker(Tracker):
 
 
 def _first_question(messages: list[dict]) -> str:
-    content = messages[0]["content"]
+    content = next(m for m in messages if m["role"] == "user")["content"]
     return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
 
 

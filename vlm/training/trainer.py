@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from vlm.build import build_components
 from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.config import typed_section
+from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.collate import Collator
 from vlm.data.datasets import EncodedDataset
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
@@ -109,7 +110,9 @@ class Trainer:
             warn_if_batch_norm(model)
         self.collator = Collator(self.parts.tokenizer.pad_token_id, padding_side="right")
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", tc.keep_last, tc.best_metric)
-        self.step, self.bad_in_a_row, self.bad_total, self.skipped_samples = 0, 0, 0, []
+        self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0
+        data = self.parts.data
+        self.data_skips = SkipTally(data.on_error, data.max_skip_fraction, data.skip_check_after)
         if tc.init_from:
             self._load_weights(Path(tc.init_from))
         resume_from = resolve_resume(tc.resume, self.checkpoints)
@@ -145,11 +148,14 @@ class Trainer:
         """Backward over this process's share of a step; returns (step loss, step supervised tokens).
 
         Gradients end up as those of (sum of token losses over the whole step) / (its token count).
+        Bad samples (SkippedSample) are counted and left out of every micro-batch.
         """
-        kept = [s for s in samples if s.num_supervised > 0]
-        self._report_unsupervised([s.index for s in samples if s.num_supervised == 0])
+        kept = [s for s in samples if not isinstance(s, SkippedSample)]
+        self.data_skips.record([s for s in samples if isinstance(s, SkippedSample)])
         local_tokens = sum(s.num_predicted for s in kept)  # counted on the host: no device sync
-        step_tokens = self._all_processes_sum(float(local_tokens))
+        # One collective for the token count and the skip tally, so every process judges the same figures.
+        step_tokens, draws, bad = self._all_processes_sum(local_tokens, len(samples), len(samples) - len(kept))
+        self.data_skips.count_draws(draws, bad)
         if step_tokens == 0:
             return math.nan, 0.0
         # DDP averages gradients over processes; scaling by the process count turns that into a sum.
@@ -159,13 +165,14 @@ class Trainer:
             lambda: self.optimizer.zero_grad(set_to_none=True), lambda: self.accelerator.no_sync(self.model),
             per_process_tokens,
         )  # fmt: skip
-        return self._all_processes_sum(0.0 if loss_sum is None else loss_sum) / step_tokens, step_tokens
+        (total,) = self._all_processes_sum(0.0 if loss_sum is None else loss_sum)
+        return total / step_tokens, step_tokens
 
     def train_step(self, samples: list) -> dict:
         """One optimizer step: accumulate, clip, skip the update if anything is non-finite."""
         self.step += 1
         loss, step_tokens = self.accumulate_gradients(samples)
-        tokens = sum(len(s.input_ids) for s in samples)
+        tokens = sum(len(s.input_ids) for s in samples if not isinstance(s, SkippedSample))
         if step_tokens == 0:
             log.warning("step %d: no supervised tokens in the whole step; skipped", self.step)
             lrs = self._learning_rates()
@@ -193,19 +200,11 @@ class Trainer:
             **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
         }
 
-    def _all_processes_sum(self, value) -> float:
+    def _all_processes_sum(self, *values) -> list[float]:
         if self.accelerator.num_processes == 1:
-            return float(value)
-        tensor = torch.as_tensor(value, dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(tensor, reduction="sum"))
-
-    def _report_unsupervised(self, indices: list[int]) -> None:
-        for index in indices:
-            self.skipped_samples.append(index)
-            log.warning(
-                "sample %d has no supervised tokens (answer missing or truncated away); skipped (%d so far). "
-                "See TROUBLESHOOTING.md#zero-supervised-tokens.", index, len(self.skipped_samples),
-            )  # fmt: skip
+            return [float(v) for v in values]
+        tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
     def _non_finite(self, loss: float, grad_norm: float, sample_ids: list[int]) -> None:
         self.bad_in_a_row += 1
@@ -229,7 +228,7 @@ class Trainer:
             self.accelerator.process_index, self.accelerator.num_processes,
         )  # fmt: skip
         encoded = EncodedDataset(self.parts.train_set, self.parts.processor)
-        return iter(step_loader(encoded, sampler, self.cfg.data.num_workers))
+        return iter(step_loader(encoded, sampler, self.parts.data.num_workers))
 
     def fit(self) -> dict:
         tc = self.train_cfg
@@ -263,7 +262,7 @@ class Trainer:
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
             result = self.evaluate(tc.eval_samples)
             self._log_eval(result, step)
-            if self.checkpoints.record_eval(step, {"val_accuracy": result.accuracy}):
+            if self.checkpoints.record_eval(step, result.metrics()):
                 log.info("step %d: new best %s; saving its checkpoint", step, tc.best_metric)
                 self.save()
                 saved = True
@@ -278,6 +277,7 @@ class Trainer:
             "step_time_s": elapsed,
             "data_wait_fraction": data_wait / elapsed,
             "micro_batch_size": self.accumulator.micro_batch_size,
+            "data_skipped": self.data_skips.bad_draws,  # bad draws over all processes so far
             "peak_memory_bytes": peak_memory_bytes(self.accelerator.device),
         }
 
@@ -312,7 +312,7 @@ class Trainer:
             "micro_batch_size": self.accumulator.micro_batch_size,
             "bad_steps_in_a_row": self.bad_in_a_row,
             "bad_steps_total": self.bad_total,
-            "skipped_samples": self.skipped_samples,
+            "data_skips": self.data_skips.state_dict(),
         }
         (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))  # last: marks completion
 
@@ -339,7 +339,8 @@ class Trainer:
         self.step = trainer_state["step"]
         self.accumulator.micro_batch_size = min(self.accumulator.micro_batch_size, trainer_state["micro_batch_size"])
         self.bad_in_a_row, self.bad_total = trainer_state["bad_steps_in_a_row"], trainer_state["bad_steps_total"]
-        self.skipped_samples = trainer_state["skipped_samples"]
+        if "data_skips" in trainer_state:  # checkpoints from before bad-sample skipping have none
+            self.data_skips.load_state_dict(trainer_state["data_skips"])
         log.info("resumed from %s at step %d", directory, self.step)
 
     def _check_compatible(self, directory: Path, trainer_state: dict) -> None:
@@ -366,20 +367,25 @@ class Trainer:
 
     def _finish(self, last_loss: float | None) -> dict:
         """Evaluate on the whole validation split, save the checkpoints, write metrics and predictions."""
-        steps = self.train_cfg.max_steps
         final = self.evaluate(len(self.parts.val_set))
-        self._log_eval(final, steps)
+        self._log_eval(final, self.step)
         if self.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg)
         if self.train_cfg.save_every:
             self.save()
+        if self.accelerator.num_processes > 1:  # each process saw its own share of the bad samples
+            self.data_skips.merge(gather_object([self.data_skips.state_dict()]))
         metrics = {
+            "val_loss": final.loss,
             "val_accuracy": final.accuracy,
             "val_accuracy_by_kind": final.accuracy_by_kind,
+            "val_samples": final.num_samples,
+            "val_accuracy_samples": len(final.predictions),
             "majority_baseline": majority_baseline([p["answer"] for p in final.predictions]),
-            "steps": steps,
+            "steps": self.step,
             "final_train_loss": last_loss,
-            "skipped_unsupervised_samples": len(self.skipped_samples),
+            "data_skipped": self.data_skips.counts(),
+            "val_skipped": final.skipped,
             "skipped_non_finite_steps": self.bad_total,
             "oom_back_offs": len(self.accumulator.back_offs),
             "micro_batch_size": self.accumulator.micro_batch_size,
@@ -387,7 +393,7 @@ class Trainer:
         }
         if self.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            predictions = "".join(json.dumps(p) + "\n" for p in final.predictions)
+            predictions = "".join(json.dumps(p, default=str) + "\n" for p in final.predictions)
             (self.run_dir / "val_predictions.jsonl").write_text(predictions)
             self._print_summary(metrics)
         self.tracker.summary(metrics)
@@ -395,22 +401,33 @@ class Trainer:
         return metrics
 
     def _print_summary(self, metrics: dict) -> None:
-        by_kind = ", ".join(f"{k} {v:.3f}" for k, v in metrics["val_accuracy_by_kind"].items())
         loss = metrics["final_train_loss"]
         loss = "n/a (no step run)" if loss is None else f"{loss:.4f}"
         tqdm.write(
             f"done: {metrics['steps']} steps in {metrics['wall_time_s']:.0f} s; final train loss {loss}; "
-            f"val accuracy {metrics['val_accuracy']:.3f} ({by_kind}); majority baseline {metrics['majority_baseline']:.3f}; "
-            f"OOM back-offs {metrics['oom_back_offs']}; skipped steps {metrics['skipped_non_finite_steps']}; run dir {self.run_dir}"
+            f"{_describe_eval(metrics['val_loss'], metrics['val_accuracy'], metrics['val_accuracy_by_kind'])}; "
+            f"majority baseline {_fmt(metrics['majority_baseline'])}; OOM back-offs {metrics['oom_back_offs']}; "
+            f"skipped steps {metrics['skipped_non_finite_steps']}; bad samples skipped: {self.data_skips.describe()}; "
+            f"run dir {self.run_dir}"
         )
 
     def _log_eval(self, result: EvalResult, step: int) -> None:
         if not self.is_main:
             return
-        by_kind = " ".join(f"{k}={v:.3f}" for k, v in result.accuracy_by_kind.items())
-        tqdm.write(f"step {step}: val accuracy {result.accuracy:.3f} ({by_kind})")
-        record = {"step": step, "val_accuracy": result.accuracy, **{f"val_accuracy/{k}": v for k, v in result.accuracy_by_kind.items()}}
+        tqdm.write(f"step {step}: {_describe_eval(result.loss, result.accuracy, result.accuracy_by_kind)}")
+        if result.skipped:
+            log.warning("validation: bad samples skipped %s. See TROUBLESHOOTING.md#too-many-bad-samples.", result.skipped)
+        record = {"step": step, **result.metrics(), **{f"val_accuracy/{k}": v for k, v in result.accuracy_by_kind.items()}}
         self.train_log.write(record)
         self.tracker.log(record, step)
         rows = result.predictions[: self.train_cfg.eval_table_rows]
         self.tracker.log_predictions(step, rows, [self.parts.val_set[p["index"]] for p in rows])
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _describe_eval(loss: float, accuracy: float | None, by_kind: dict[str, float]) -> str:
+    kinds = f" ({', '.join(f'{k} {v:.3f}' for k, v in by_kind.items())})" if by_kind else ""
+    return f"val loss {loss:.4f}, val accuracy {_fmt(accuracy)}{kinds}"

@@ -1,0 +1,83 @@
+"""LLaVA-format data: a JSON array or JSONL file of records and a folder of images (`data=llava`).
+
+A record: `{"id"?: str, "image"?: path | [paths], "conversations": [{"from": "human"|"gpt"|"system",
+"value": str}, ...], "kind"?: str}` with `<image>` markers in the values. Paths are relative to
+`data.dataset.image_root` (default: the JSON file's directory) and may not leave it. A JSONL line that
+is not valid JSON is one bad record (counted), not a crash; a file that cannot be read at all is an
+error at start-up.
+"""
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from vlm.data.bad_samples import BadSample
+from vlm.data.conversation import llava_turns, place_images
+from vlm.data.records import RecordDataset, RecordsConfig, holdout_split
+
+
+@dataclass
+class LlavaConfig(RecordsConfig):
+    name: str = "llava"
+    val_path: str | None = None  # a separate validation file (same format); null: hold out val_fraction
+    image_marker: str = "<image>"
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    error: str
+
+
+def read_records(path: str) -> list:
+    """A JSON array, or JSONL (one record per line; an unparsable line becomes a BadLine)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data.dataset.path: LLaVA file {path!r} does not exist. See TROUBLESHOOTING.md#malformed-record.")
+    return _read_cached(str(file.resolve()), file.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=4)  # train and validation splits of one file parse it once
+def _read_cached(path: str, _mtime: int) -> list:
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); for one record per line use JSONL. "
+                             "See TROUBLESHOOTING.md#malformed-record.") from err  # fmt: skip
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                records.append(BadLine(number, str(err)))
+    return records
+
+
+class LlavaDataset(RecordDataset):
+    def __init__(self, cfg: LlavaConfig, split: str, image_size: int):
+        self.marker = cfg.image_marker
+        own_file = split == "train" or not cfg.val_path
+        records = read_records(cfg.path if own_file else cfg.val_path)
+        if cfg.val_path:
+            positions = list(range(len(records)))
+        else:
+            positions = holdout_split(len(records), cfg.val_fraction, cfg.seed, split)
+        root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
+        super().__init__(records, positions, root, cfg.max_val_samples if split != "train" else None)
+
+    def to_raw(self, record, label: str) -> dict:
+        if isinstance(record, BadLine):
+            raise BadSample("malformed_record", f"line {record.line} is not valid JSON ({record.error})", label)
+        if not isinstance(record, dict):
+            raise BadSample("malformed_record", f"record is {type(record).__name__}, not an object", label)
+        images = record.get("image")
+        images = [] if images is None else images if isinstance(images, list) else [images]
+        messages, order = place_images(llava_turns(record.get("conversations"), label), len(images), self.marker, label)
+        raw = {"images": [self.image_path(images[k], label) for k in order], "messages": messages}
+        if "kind" in record:
+            raw["kind"] = str(record["kind"])
+        return raw
