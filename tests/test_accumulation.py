@@ -57,7 +57,7 @@ def test_token_weighting_is_per_token_not_per_micro_batch(trainer):
     trainer.accumulator.micro_batch_size = 1
     loss, tokens = trainer.accumulate_gradients(samples)
     with torch.no_grad():
-        sums = [float(trainer.unwrapped(trainer.collator([s])).loss_sum) for s in samples]
+        sums = [float(trainer._loss_sum(trainer.collator([s]))) for s in samples]  # on the trainer's device
     assert tokens == sum(s.num_predicted for s in samples)
     assert loss == pytest.approx(sum(sums) / tokens, rel=1e-6)
 

@@ -3,6 +3,7 @@
 Run: pytest tests/test_config.py
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from tests.conftest import CONFIG_DIR, compose_config
 from vlm.build import build_components
 from vlm.config import ConfigError, typed_section
+from vlm.data.bad_samples import REASONS
 from vlm.training.trainer import TrainConfig
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -59,3 +61,14 @@ def test_wrong_type_names_the_key():
     cfg = compose_config("train.max_steps=many")
     with pytest.raises(ConfigError, match="max_steps"):
         typed_section(cfg.train, TrainConfig, "train")
+
+
+def test_every_troubleshooting_anchor_named_in_code_exists():
+    """Error messages point at TROUBLESHOOTING.md#anchor; each anchor must be a heading there."""
+    root = Path(CONFIG_DIR).parent
+    headings = [line[3:].strip() for line in (root / "TROUBLESHOOTING.md").read_text().splitlines() if line.startswith("## ")]
+    anchors = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
+    named = {m for path in [*root.glob("vlm/**/*.py"), root / "train_debug.py"]
+             for m in re.findall(r"TROUBLESHOOTING\.md#([a-z0-9_-]+)", path.read_text())}  # fmt: skip
+    named |= set(REASONS.values())
+    assert named and not named - anchors, sorted(named - anchors)

@@ -16,6 +16,7 @@ from PIL import Image
 import vlm.data.images as images_module
 from tests.conftest import compose_config, new_trainer
 from tests.corpus import EXPECTED_SKIPS, NUM_RECORDS
+from tests.test_resume import StopAfter, losses
 from vlm.data.bad_samples import BadSample, SkippedSample, TooManyBadSamplesError
 from vlm.data.check import main as check_main
 from vlm.data.collate import Collator
@@ -25,6 +26,7 @@ from vlm.data.images import ImageSplittingConfig, load_image
 from vlm.data.llava import LlavaConfig, LlavaDataset
 from vlm.data.processing import SampleProcessor
 from vlm.data.records import holdout_split
+from vlm.training.trainer import Trainer
 
 # Reason of each bad record of tests/corpus.py, by id (what the skip counts must be made of).
 BAD_IDS = {
@@ -42,12 +44,12 @@ def corpus_overrides(corpus: Path, *extra: str, fmt: str = "llava") -> list[str]
     return [f"data=" + fmt, f"data.dataset.path={path}", f"data.dataset.image_root={corpus / 'images'}", *extra]
 
 
-def corpus_trainer(run_dir: Path, corpus: Path, *overrides: str, fmt: str = "llava"):
+def corpus_trainer(run_dir: Path, corpus: Path, *overrides: str, fmt: str = "llava", trainer_class=Trainer):
     val = ["data.dataset.val_path=" + str(corpus / "val.json")] if fmt == "llava" else []
     data = corpus_overrides(corpus, *val, fmt=fmt)
     cfg = compose_config("train.eval_every=0", "train.log_every=1", "train.warmup_steps=0", "train.max_new_tokens=4",
                          "data.max_length=256", *overrides, experiment="llava_tiny", data=data)  # fmt: skip
-    return new_trainer(cfg, run_dir)
+    return new_trainer(cfg, run_dir, trainer_class)
 
 
 def skipped_ids(trainer) -> dict[str, set[str]]:
@@ -271,3 +273,18 @@ def test_llava_tiny_lowers_its_validation_loss(shapes_llava, tmp_path):
     assert metrics["val_samples"] == len(trainer.parts.val_set) == 19 and metrics["data_skipped"] == {}
     assert metrics["val_loss"] < 0.7 * before.loss, (before.loss, metrics["val_loss"])
     assert metrics["val_accuracy_samples"] == 19 and set(metrics["val_accuracy_by_kind"]) <= {"colour", "shape", "count", "position"}
+
+
+def test_resumed_run_keeps_the_skip_counts_and_losses(corpus_dir, tmp_path):
+    """Stopped after step 3 (SIGTERM), resumed: the same bad-sample tally and losses as the run straight through."""
+    run = ["train.global_batch_size=8", "train.max_steps=10", "data.max_skip_fraction=1.0", "train.best_metric=null"]
+    straight = corpus_trainer(tmp_path / "straight", corpus_dir, *run)
+    straight.fit()
+    stopped = corpus_trainer(tmp_path / "resumed", corpus_dir, *run, trainer_class=StopAfter)
+    stopped.fit()
+    assert stopped.step == StopAfter.stop_at
+    resumed = corpus_trainer(tmp_path / "resumed", corpus_dir, *run, "train.resume=auto")
+    assert resumed.data_skips.state_dict() == stopped.data_skips.state_dict()  # restored from the checkpoint
+    resumed.fit()
+    assert resumed.data_skips.state_dict() == straight.data_skips.state_dict()
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")

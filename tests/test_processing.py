@@ -105,3 +105,13 @@ def test_corrupt_image_file_names_sample_and_file(tiny, tmp_path):
     raw["images"] = [str(bad)]
     with pytest.raises(ValueError, match=r"sample 12: cannot read image file .*broken.png"):
         tiny.processor(raw, 12)
+
+
+def test_images_in_an_assistant_turn_are_never_supervised(tiny):
+    raw = sample("Draw it", "here", images=1)
+    raw["images"].append(np.zeros((32, 32, 3), dtype=np.uint8))
+    raw["messages"][1]["content"] = [{"type": "text", "text": "here"}, {"type": "image"}]
+    encoded = tiny.processor(raw, 0)
+    supervised = encoded.input_ids[encoded.labels != IGNORE_INDEX].tolist()
+    assert tiny.model.token_ids.image not in supervised
+    assert tiny.tokenizer.decode(supervised) == "here<|im_end|>"

@@ -14,6 +14,7 @@ Compiling swaps `forward` functions on the existing modules instead of wrapping 
 names, state dicts and checkpoints never gain an `_orig_mod.` prefix.
 """
 
+import inspect
 import logging
 from typing import Any, Iterable
 
@@ -23,6 +24,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MODES = ("off", "core", "regional")
+_UNBACKED_TAKES_MIN = "min" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
 
 
 def mark_batch_and_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
@@ -41,8 +43,12 @@ def mark_image_count_unbacked(pixel_values: torch.Tensor | None) -> None:
     tests `num_images >= 16` for stride-1 convs (one graph below 16 images, another from 16 on) and
     `num_images > 1`. Unbacked, the compiled core serves any image count, one image included.
     """
-    if pixel_values is not None:
+    if pixel_values is None:
+        return
+    if _UNBACKED_TAKES_MIN:
         torch._dynamo.decorators.mark_unbacked(pixel_values, 0, min=1)
+    else:  # older torch (2.11 has no `min`): backed instead, at worst one recompile at 16 images on CPU
+        torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
 
 
 def _mark_block_inputs(hidden: torch.Tensor, args: Iterable[Any], kwargs: dict, sequence: bool) -> None:

@@ -85,7 +85,11 @@ class WandbTracker(Tracker):
         self.run.log({"val/predictions": table, "val/prediction_images": images}, step=step)
 
     def summary(self, metrics: dict) -> None:
-        self.run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        """Nested figures (`data_skipped: {reason: n}`) flattened to `data_skipped/reason`."""
+        flat = {}
+        for key, value in metrics.items():
+            flat.update({f"{key}/{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+        self.run.summary.update(flat)
 
     def finish(self) -> None:
         self.run.finish()
