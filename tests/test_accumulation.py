@@ -109,3 +109,43 @@ def test_injected_oom_run_ends_with_the_same_parameters(tmp_path, where, caplog)
     assert difference / torch.cat([p.flatten() for p in reference.values()]).norm() < 1e-6
     moved = torch.cat([(params[n] - initial[n]).flatten() for n in reference]).norm()
     assert difference / moved < 1e-4  # also small against what training changed
+
+
+def test_accumulated_gradient_equals_autograd_of_the_token_mean(trainer):
+    """Independent reference: autograd of (summed token cross-entropy / supervised tokens) on the whole batch,
+    computed here from the logits (shifted logits, not the model's shifted labels), against micro-batches of 3."""
+    processor = trainer.parts.processor
+    samples = [processor(conversation(i, words), i) for i, words in enumerate([1, 12, 2, 30, 1, 7, 3, 20])]
+    grads = gradients_with_micro_batch(trainer, samples, 3)
+    model = trainer.unwrapped
+    batch = trainer.collator(samples)
+    logits = model(batch).logits[:, :-1]
+    targets = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    names = list(grads)
+    parameters = dict(model.named_parameters())
+    reference = torch.autograd.grad(loss / (targets != -100).sum(), [parameters[n] for n in names])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    for name, ref in zip(names, reference):
+        assert torch.linalg.vector_norm(grads[name] - ref) <= 1e-6 * torch.linalg.vector_norm(ref) + 1e-12, name
+
+
+def test_out_of_memory_in_the_backward_of_a_later_micro_batch_replays_the_step(trainer, caplog):
+    """The fourth micro-batch (two long answers) fails in its backward after three have added gradients:
+    those must be zeroed and the step replayed at the smaller size, giving the clean gradient."""
+    processor = trainer.parts.processor
+    samples = [processor(conversation(i, words), i) for i, words in enumerate([1, 1, 2, 1, 1, 2, 30, 30])]
+    clean = gradients_with_micro_batch(trainer, samples, 2)
+    lengths = [len(s.input_ids) for s in samples]
+    budget = max(2 * max(lengths[:6]), max(lengths)) + 1  # all pairs but the last fit; one long sample alone fits
+    assert 2 * max(lengths[:6]) < budget and max(lengths) < budget < 2 * max(lengths)
+    trainer.accumulator.simulate = SimulatedOOM(max_tokens=budget, where="backward")
+    try:
+        with caplog.at_level("WARNING"):
+            replayed = gradients_with_micro_batch(trainer, samples, 2)
+    finally:
+        trainer.accumulator.simulate = None
+    back_off = trainer.accumulator.back_offs[-1]
+    assert (back_off.where, back_off.old_micro_batch_size, back_off.new_micro_batch_size) == ("backward", 2, 1)
+    for name, grad in clean.items():
+        assert torch.linalg.vector_norm(replayed[name] - grad) <= 1e-6 * torch.linalg.vector_norm(grad) + 1e-12, name

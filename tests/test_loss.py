@@ -71,3 +71,25 @@ def test_greedy_generation_matches_training_forward(tiny):
         for row, prompt in enumerate(prompts):  # each prompt alone, unpadded, through the training forward
             single = Collator(tiny.tokenizer.pad_token_id)([prompt])
             assert int(model(single).logits[0, -1].argmax()) == int(generated[row])
+
+
+def test_pad_equal_to_eos_is_masked_by_position_and_real_eos_is_supervised(tiny):
+    """A collator whose pad id is the end-of-turn id and whose labels copy the ids on padding (as a naive one
+    would): only the model's own attention-mask masking keeps the loss equal to the unpadded samples' sum,
+    and every real end-of-turn token (one per answer) is still a target."""
+    model, eos = tiny.model.eval(), tiny.model.token_ids.stop
+    max_length = tiny.processor.max_length
+    indices = [i for i in range(16) if len(tiny.processor(tiny.train_set[i], i).input_ids) < max_length][:4]  # untruncated
+    samples = [tiny.processor(tiny.train_set[i], i) for i in indices]
+    batch = Collator(eos, padding_side="right")(samples)
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    batch["labels"] = batch["labels"].masked_fill(padding, eos)
+    with torch.no_grad():
+        out = model(batch)
+        alone = [model(Collator(eos)([s])).loss_sum for s in samples]
+    assert torch.allclose(out.loss_sum, torch.stack(alone).sum(), rtol=1e-5)
+    assert int(out.num_tokens) == sum(s.num_predicted for s in samples)
+    answers = sum(sum(m["role"] == "assistant" for m in tiny.train_set[i]["messages"]) for i in indices)
+    assert answers > 4  # multi-turn conversations
+    assert sum(int((s.labels == eos).sum()) for s in samples) == answers

@@ -115,3 +115,20 @@ def test_images_in_an_assistant_turn_are_never_supervised(tiny):
     supervised = encoded.input_ids[encoded.labels != IGNORE_INDEX].tolist()
     assert tiny.model.token_ids.image not in supervised
     assert tiny.tokenizer.decode(supervised) == "here<|im_end|>"
+
+
+def test_multi_turn_labels_supervise_every_answer_and_nothing_else(tiny):
+    raw = {"images": [], "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "one?"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "two?"}, {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "three?"}, {"role": "assistant", "content": "a3"}]}  # fmt: skip
+    encoded = tiny.processor(raw, 0)
+    supervised = encoded.labels != IGNORE_INDEX
+    runs, current = [], []
+    for token, keep in zip(encoded.input_ids.tolist(), supervised.tolist()):
+        if keep:
+            current.append(token)
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    assert [tiny.tokenizer.decode(run) for run in runs] == ["a1<|im_end|>", "a2<|im_end|>", "a3<|im_end|>"]

@@ -119,3 +119,27 @@ def test_fp16_without_cuda_is_a_clear_config_error(tmp_path):
         pytest.skip("fp16 is valid with CUDA")
     with pytest.raises(ValueError, match="mixed_precision=fp16 needs CUDA"):
         make_trainer(tmp_path, "train.mixed_precision=fp16")
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6])
+def test_the_optimizer_applies_gradients_scaled_to_the_clip(tmp_path, clip):
+    """What the optimizer steps with is the accumulated gradient times min(1, clip / norm): scaled when the
+    norm is above the clip, untouched below it."""
+    trainer = make_trainer(tmp_path, "train.max_steps=2", "train.global_batch_size=4", f"train.grad_clip={clip}")
+    samples = next(trainer.batches())
+    trainer.accumulate_gradients(samples)
+    raw = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()])))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    applied, step = {}, trainer.optimizer.step
+
+    def capture_then_step(*args, **kwargs):
+        applied.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture_then_step
+    trainer.train_step(samples)
+    scale = min(1.0, clip / norm)
+    assert (scale < 1e-2) == (clip == 1e-3)  # the small clip really clips, the large one really does not
+    for name, grad in raw.items():
+        assert torch.allclose(applied[name], grad * scale, rtol=1e-5, atol=1e-12), name

@@ -66,6 +66,16 @@ def open_split(cfg: HFConfig, split: str) -> datasets.Dataset:
     return datasets.load_dataset(cfg.path, name=cfg.subset, split=split)  # a hub name
 
 
+def default_image_root(cfg: HFConfig) -> Path | None:
+    """`image_root`, else the local dataset's folder; a hub dataset (images as bytes) has none: paths are refused."""
+    if cfg.image_root:
+        return Path(cfg.image_root)
+    local = Path(cfg.path)
+    if not local.exists():
+        return None
+    return local if local.is_dir() else local.parent
+
+
 def resolve_columns(dataset: datasets.Dataset, wanted: HFColumns) -> HFColumns:
     """Mapped names checked, unmapped ones found by their default name; exactly one conversation layout."""
     names = set(dataset.column_names)
@@ -105,9 +115,7 @@ class HFDataset(RecordDataset):
         self.columns = resolve_columns(dataset, cfg.columns)
         dataset = undecoded(dataset, self.columns)
         positions = list(range(len(dataset))) if cfg.val_split else holdout_split(len(dataset), cfg.val_fraction, cfg.seed, split)
-        local = Path(cfg.path)
-        root = Path(cfg.image_root) if cfg.image_root else (local if local.is_dir() else local.parent) if local.exists() else None
-        super().__init__(dataset, positions, root, cfg.max_val_samples if split != "train" else None)
+        super().__init__(dataset, positions, default_image_root(cfg), cfg.max_val_samples if split != "train" else None)
 
     def to_raw(self, record: dict, label: str) -> dict:
         c = self.columns

@@ -88,9 +88,9 @@ class MicroBatchAccumulator:
                 loss = self._forward(batch, loss_sum)
                 failed_in = "backward"
                 with nullcontext() if last else no_sync():
-                    if self.simulate:
-                        self.simulate.check(batch, "backward")
                     backward(loss / step_tokens)
+                    if self.simulate:  # strikes once this micro-batch's gradients are written: the worst case
+                        self.simulate.check(batch, "backward")
                 failed_in = None
             except Exception as err:
                 if not is_out_of_memory(err):

@@ -203,7 +203,8 @@ class Trainer:
     def _all_processes_sum(self, *values) -> list[float]:
         if self.accelerator.num_processes == 1:
             return [float(v) for v in values]
-        tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).to(self.accelerator.device)
+        device = self.accelerator.device
+        tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
     def _non_finite(self, loss: float, grad_norm: float, sample_ids: list[int]) -> None:
