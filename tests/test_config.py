@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from tests.conftest import CONFIG_DIR, compose_config
-from vlm.build import build_components
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from tests.conftest import CONFIG_DIR, compose_config, new_trainer
+from vlm.build import build_components, validate_config
 from vlm.config import ConfigError, typed_section
 from vlm.data.bad_samples import REASONS
-from vlm.training.trainer import TrainConfig
+from vlm.training.train_config import TrainConfig
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -72,3 +75,37 @@ def test_every_troubleshooting_anchor_named_in_code_exists():
              for m in re.findall(r"TROUBLESHOOTING\.md#([a-z0-9_-]+)", path.read_text())}  # fmt: skip
     named |= set(REASONS.values())
     assert named and not named - anchors, sorted(named - anchors)
+
+
+def real_values(experiment: str) -> DictConfig:
+    """An experiment as it would run (no tiny overrides); a data file name where the experiment needs one."""
+    data = ["data.dataset.path=my_data.json"] if data_of(experiment) == "llava" else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"+experiment={experiment}", *data])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_validates_at_its_real_values(experiment):
+    run = validate_config(real_values(experiment))
+    assert run.train.max_steps > 0
+
+
+@pytest.mark.parametrize("typo, key", [("train.compile=regionl", "train.compile"), ("train.stage=alig", "train.stage"),
+                                       ("train.best_metric=val_acc", "train.best_metric"), ("logger.mode=offlne", "logger.mode"),
+                                       ("model.projector.type=pixelshuffle", "model.projector.type"),
+                                       ("model.vision.name=resnet10", "model.vision.name")])  # fmt: skip
+def test_a_wrong_choice_is_an_error_naming_the_key(typo, key):
+    cfg = real_values("shapes")
+    OmegaConf.set_struct(cfg, False)
+    OmegaConf.update(cfg, typo.split("=")[0], typo.split("=")[1])  # as a value in an experiment's YAML would
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate_config(cfg)
+
+
+def test_the_whole_config_is_checked_before_anything_is_built(tmp_path, monkeypatch):
+    def build_components(cfg):
+        raise AssertionError("built before the config was checked")
+
+    monkeypatch.setattr("vlm.training.trainer.build_components", build_components)
+    with pytest.raises(ConfigError, match=r"'logger'.*projct"):
+        new_trainer(compose_config("+logger.projct=vlm"), tmp_path)

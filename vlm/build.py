@@ -12,13 +12,19 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vlm.config import typed_section
+from vlm.compile_policy import MODES
+from vlm.config import ConfigError, typed_section
 from vlm.data.chat_format import ChatFormat
 from vlm.data.datasets import DataConfig, build_dataset, check_data_config, dataset_corpus, dataset_schema
 from vlm.data.images import ImageTransform
 from vlm.data.processing import SampleProcessor
 from vlm.data.tokenizer import build_tokenizer
+from vlm.models.projector import PROJECTORS
 from vlm.models.vision_language_model import ModelConfig, TokenIds, VisionLanguageModel
+from vlm.training.checkpoint_manager import HIGHER_IS_BETTER
+from vlm.training.optim import SCHEDULES, STAGES
+from vlm.training.tracking import LoggerConfig
+from vlm.training.train_config import TrainConfig
 
 
 @dataclass
@@ -81,3 +87,45 @@ def build_components(cfg: DictConfig) -> Components:
     tokenizer = build_tokenizer(data.tokenizer, tokenizer_corpus(train_set, data), data.chat.special_tokens)
     model, processor = build_model_and_processor(cfg, data, tokenizer)
     return Components(tokenizer, model, processor, train_set, val_set, data)
+
+
+@dataclass
+class RunConfig:
+    """Every section of a run's config, typed and checked."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    logger: LoggerConfig
+
+
+def validate_config(cfg: DictConfig) -> RunConfig:
+    """Check every section against its schema and every choice against what exists, before anything is built:
+    a typo anywhere (`train.compile: regionl`, `logger.projct`) fails in a second, naming the key."""
+    run = RunConfig(
+        typed_section(cfg.model, ModelConfig, "model"),
+        data_config(cfg),
+        typed_section(cfg.train, TrainConfig, "train"),
+        typed_section(cfg.logger, LoggerConfig, "logger"),
+    )
+    t = run.train
+    choices = {
+        "train.compile": (t.compile, MODES),
+        "train.stage": (t.stage, tuple(STAGES)),
+        "train.schedule": (t.schedule, tuple(SCHEDULES)),
+        "train.mixed_precision": (t.mixed_precision, ("no", "bf16", "fp16")),
+        "train.device": (t.device, ("auto", "cpu", "cuda")),
+        "train.simulate_oom_in": (t.simulate_oom_in, ("forward", "backward")),
+        "train.best_metric": (t.best_metric, (None, *HIGHER_IS_BETTER)),
+        "logger.type": (run.logger.type, ("none", "wandb")),
+        "logger.mode": (run.logger.mode, ("auto", "online", "offline", "disabled")),
+        "model.projector.type": (run.model.projector.type, PROJECTORS),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}. "
+                              "See TROUBLESHOOTING.md#config-key-errors.")  # fmt: skip
+    if not timm.is_model(run.model.vision.name):
+        raise ConfigError(f"model.vision.name={run.model.vision.name!r} is not a timm model. "
+                          "See TROUBLESHOOTING.md#config-key-errors.")  # fmt: skip
+    return run

@@ -111,8 +111,9 @@ def build_projector(
     cfg: ProjectorConfig, vision_dim: int, lm_dim: int, num_patches: int, text_scale: float = 0.02
 ) -> nn.Module:
     """`text_scale`: RMS of the LM's input embeddings, the scale `output_norm` gives image tokens."""
-    if cfg.type == "mlp":
-        return MLPProjector(vision_dim, lm_dim, num_patches, cfg, text_scale)
-    if cfg.type == "pixel_shuffle":
-        return PixelShuffleProjector(vision_dim, lm_dim, num_patches, cfg, text_scale)
-    raise ValueError(f"model.projector.type={cfg.type!r} is not one of: mlp, pixel_shuffle")
+    if cfg.type not in PROJECTORS:
+        raise ValueError(f"model.projector.type={cfg.type!r} is not one of: {', '.join(PROJECTORS)}")
+    return PROJECTORS[cfg.type](vision_dim, lm_dim, num_patches, cfg, text_scale)
+
+
+PROJECTORS = {"mlp": MLPProjector, "pixel_shuffle": PixelShuffleProjector}

@@ -20,9 +20,8 @@ from safetensors.torch import load_model
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from vlm.build import build_components
+from vlm.build import build_components, validate_config
 from vlm.compile_policy import apply_compile, mode_for_device
-from vlm.config import typed_section
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.collate import Collator
 from vlm.data.datasets import EncodedDataset
@@ -52,8 +51,7 @@ from vlm.training.optim import (
     trainable_table,
 )
 from vlm.training.stop_signal import StopSignal
-from vlm.training.tracking import JsonlLog, LoggerConfig, build_tracker
-from vlm.training.train_config import TrainConfig
+from vlm.training.tracking import JsonlLog, build_tracker
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +79,10 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.started = time.perf_counter()
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        tc = self.train_cfg = typed_section(cfg.train, TrainConfig, "train")
+        run_config = validate_config(cfg)  # the whole config, before anything is built
+        tc = self.train_cfg = run_config.train
         configure_cuda_allocator(tc.cuda_alloc_conf)
         configure_cpu_allocator(tc.cpu_keep_freed_bytes)
-        if tc.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device={tc.device!r} is not one of: auto, cpu, cuda")
         if tc.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
         if tc.mixed_precision == "fp16" and (tc.device == "cpu" or not torch.cuda.is_available()):
@@ -123,7 +120,7 @@ class Trainer:
         if self.is_main:
             self.train_log.truncate_after(self.step)  # a resumed run rewrites the steps after its checkpoint
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        self.tracker = build_tracker(typed_section(cfg.logger, LoggerConfig, "logger") if self.is_main else None, self.run_dir, resolved)
+        self.tracker = build_tracker(run_config.logger if self.is_main else None, self.run_dir, resolved)
         if self.is_main:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
             self.parts.tokenizer.save_pretrained(self.run_dir / "tokenizer")  # a trained one must outlive a crash
