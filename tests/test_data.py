@@ -288,3 +288,10 @@ def test_resumed_run_keeps_the_skip_counts_and_losses(corpus_dir, tmp_path):
     resumed.fit()
     assert resumed.data_skips.state_dict() == straight.data_skips.state_dict()
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_an_image_path_is_loaded_and_resized_like_the_image_itself(tiny, corpus_dir):
+    path = corpus_dir / "images" / "rgb0.png"  # 48 x 40 on disk; the encoder takes 32 x 32
+    from_path = tiny.processor.image_transform(load_image(path, "t"))
+    from_memory = tiny.processor.image_transform(Image.open(path).convert("RGB"))
+    assert from_path.shape == (3, 32, 32) and torch.equal(from_path, from_memory)

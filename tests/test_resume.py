@@ -51,14 +51,19 @@ def straight(tmp_path_factory):
 
 
 class StopAfter(Trainer):
-    """Delivers a real SIGTERM to this process after `stop_at` steps."""
+    """Delivers a real SIGTERM (or `signal_to_send`) to this process after `stop_at` steps."""
 
     stop_at = 3
+    signal_to_send = signal.SIGTERM
 
     def _after_step(self, record, stop):
         if self.step == self.stop_at:
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(self.signal_to_send)
         super()._after_step(record, stop)
+
+
+class InterruptAfter(StopAfter):
+    signal_to_send = signal.SIGINT
 
 
 def test_sigterm_checkpoints_and_resume_is_bitwise_identical(straight, tmp_path):
@@ -140,3 +145,11 @@ def test_resume_with_another_global_batch_size_is_refused(straight, tmp_path):
 def test_resume_from_a_path_that_is_no_checkpoint_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.resume=.*nowhere.*not a complete checkpoint"):
         make_trainer(tmp_path, *RUN, f"train.resume={tmp_path / 'nowhere'}")
+
+
+def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
+    cfg = compose_config(*TINY_VIT, "train.eval_every=0", "train.log_every=1", *RUN)
+    summary = new_trainer(cfg, tmp_path, InterruptAfter).fit()
+    assert summary["stopped_by"] == "SIGINT" and summary["steps"] == 3
+    assert (tmp_path / "checkpoints" / "step_00000003" / TRAINER_STATE).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back

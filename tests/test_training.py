@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.conftest import TINY, compose_config, new_trainer
 from vlm.build import build_components
 from vlm.data.collate import Collator
+from vlm.training.batching import StepSampler
 from vlm.training.checkpoint import load_checkpoint
+from vlm.training.evaluation import normalise_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +93,43 @@ def test_train_py_runs_from_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "train.py", "+experiment=does_not_exist"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "experiment/does_not_exist" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_init_from_starts_a_new_run_from_the_checkpoint_weights(short_run, tmp_path):
+    """The next stage: weights from the previous run's final checkpoint, a fresh step count and optimizer."""
+    _, run_dir, _, _ = short_run
+    cfg = compose_config("train.max_steps=2", "train.global_batch_size=8", f"train.init_from={run_dir / 'checkpoints' / 'final'}")
+    trainer = new_trainer(cfg, tmp_path)
+    saved = load_file(run_dir / "checkpoints" / "final" / "model.safetensors")
+    current = trainer.unwrapped.state_dict()
+    assert saved and all(torch.equal(current[name], weight) for name, weight in saved.items())
+    assert trainer.step == 0 and not trainer.optimizer.state
+
+
+def test_data_loader_workers_give_the_same_steps(tmp_path):
+    """data.num_workers=2 encodes in worker processes: the same samples, in the same order, as the main process."""
+    def first_steps(workers: int) -> list[list[list[int]]]:
+        trainer = new_trainer(compose_config("train.global_batch_size=4", f"data.num_workers={workers}"), tmp_path / str(workers))
+        batches = trainer.batches()
+        return [[s.input_ids.tolist() for s in next(batches)] for _ in range(3)]
+
+    assert first_steps(2) == first_steps(0)
+
+
+def test_epochs_wrap_around_with_a_new_order_and_every_sample_once():
+    sampler = StepSampler(dataset_size=10, global_batch_size=4, seed=0)  # 2 steps an epoch; 2 samples dropped each
+    epoch0 = sampler.step_indices(0) + sampler.step_indices(1)
+    epoch1 = sampler.step_indices(2) + sampler.step_indices(3)
+    assert len(set(epoch0)) == len(set(epoch1)) == 8 and epoch0 != epoch1
+    steps = iter(StepSampler(10, 4, 0, start_step=2, rank=1, world_size=2))
+    assert next(steps) == sampler.step_indices(2)[1::2]  # a resumed rank continues mid-stream
+
+
+def test_val_predictions_are_scored_as_written(short_run):
+    _, run_dir, _, metrics = short_run
+    predictions = [json.loads(line) for line in (run_dir / "val_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == metrics["val_accuracy_samples"] > 0
+    for p in predictions:
+        assert p["correct"] == (normalise_answer(p["prediction"]) == normalise_answer(p["answer"]))
+    assert metrics["val_accuracy"] == sum(p["correct"] for p in predictions) / len(predictions)
+    assert normalise_answer(" Red. ") == normalise_answer("red")

@@ -74,7 +74,7 @@ def evaluate(
                 continue
             full.append(encoded)
             answer = raw.get("answer") or last_answer(raw["messages"])
-            if len(processor.chat_format.text_ids(answer)) < max_new_tokens:  # room for the end-of-turn token
+            if len(processor.chat_format.text_ids(answer)) <= max_new_tokens:  # a longer answer cannot be generated whole
                 prompts.append(prompt)
                 references.append({"index": index, "id": raw.get("id", index), "kind": raw.get("kind", "all"), "answer": answer})
         if full:
