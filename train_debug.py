@@ -89,6 +89,9 @@ def failures(results: dict) -> list[str]:
         for mode, count in results.get(key, {}).items():
             if count:
                 found.append(f"{key}[{mode}] = {count} after warm-up")
+    for mode, mfu in results.get("mfu", {}).items():
+        if mfu > 1:  # the machine ran faster during the steps than in both peak measurements: no valid figure
+            found.append(f"mfu[{mode}] = {mfu:.0%} exceeds the measured matmul peak; the machine's speed drifted, rerun")
     return found
 
 
@@ -117,7 +120,8 @@ def table(results: dict, options: DebugOptions) -> str:
     lines = [
         f"device {options.device} ({options.dtype}), batch {options.batch_size} x {options.seq_len} tokens, "
         f"{results['params']:,} parameters, {results['flops_per_step'] / 1e9:,.1f} GFLOP per step, "
-        f"matmul peak {results['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s",
+        f"matmul peak {results['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s (best of {results['matmul_peak_flops_before'] / 1e9:,.1f} "
+        f"before and {results['matmul_peak_flops_after'] / 1e9:,.1f} after the timed steps)",
         f"graph breaks in _forward_core (fullgraph): {results.get('graph_breaks', 'not checked')}",
         f"{'':<26}" + "".join(f"{('eager' if m == 'off' else m):>16}" for m in modes),
     ]

@@ -54,21 +54,33 @@ def training_flops(model: torch.nn.Module, batch: dict) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """Best sustained FLOP/s of one large square matmul, the ceiling MFU is measured against."""
-    n = 4096 if device.type == "cuda" else 1536
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b, out=out)  # warm-up: thread pool, kernels
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(4):
-            torch.matmul(a, b, out=out)
-        synchronize(device)
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+def largest_linear_shape(model: torch.nn.Module, tokens: int) -> tuple[int, int, int]:
+    """(tokens, in, out) of the model's largest linear layer applied to `tokens` rows."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    widest = max(linears, key=lambda m: m.in_features * m.out_features)
+    return tokens, widest.in_features, widest.out_features
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int]] | None = None,
+                      seconds: float = 2.0) -> float:  # fmt: skip
+    """Best sustained FLOP/s over matmuls of these (m, k, n) shapes (default: one large square), the ceiling MFU
+    is measured against. Each shape gets `seconds / len(shapes)`."""
+    side = 4096 if device.type == "cuda" else 1536
+    shapes = shapes or [(side, side, side)]
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        torch.matmul(a, b, out=out)  # warm-up: thread pool, kernels
+        deadline = time.perf_counter() + seconds / len(shapes)
+        while time.perf_counter() < deadline:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(4):
+                torch.matmul(a, b, out=out)
+            synchronize(device)
+            best = max(best, 4 * 2 * m * k * n / (time.perf_counter() - start))
     return best
 
 
