@@ -295,3 +295,27 @@ def test_an_image_path_is_loaded_and_resized_like_the_image_itself(tiny, corpus_
     from_path = tiny.processor.image_transform(load_image(path, "t"))
     from_memory = tiny.processor.image_transform(Image.open(path).convert("RGB"))
     assert from_path.shape == (3, 32, 32) and torch.equal(from_path, from_memory)
+
+
+def test_hf_imagefolder_with_question_answer_metadata(tmp_path):
+    """`builder: imagefolder`: path-only image features, resolved inside the folder; metadata gives the turns."""
+    (tmp_path / "train").mkdir()
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (16, 16), (80 * i, 0, 0)).save(tmp_path / "train" / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "question": "Colour?", "answer": f"red{i}"}))
+    (tmp_path / "train" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    dataset = HFDataset(HFConfig(path=str(tmp_path), builder="imagefolder", val_fraction=0.0), "train", 32)
+    raws = sorted((dataset[i] for i in range(3)), key=lambda r: r["messages"][1]["content"])
+    assert [r["messages"][1]["content"] for r in raws] == ["red0", "red1", "red2"]
+    assert raws[2]["images"] == [(tmp_path / "train" / "2.png").resolve()]
+
+
+def test_hf_validation_split_by_name(tmp_path):
+    splits = {name: datasets.Dataset.from_dict({"question": [f"{name} {i}?" for i in range(n)], "answer": ["a"] * n})
+              for name, n in (("train", 6), ("validation", 2))}  # fmt: skip
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    cfg = HFConfig(path=str(tmp_path / "dd"), val_split="validation")
+    train, val = HFDataset(cfg, "train", 32), HFDataset(cfg, "val", 32)
+    assert len(train) == 6 and len(val) == 2  # all training records train: none held out
+    assert val[1]["messages"][0]["content"] == "validation 1?"
