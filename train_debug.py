@@ -37,6 +37,7 @@ HINTS = {
     "graph_breaks": "TROUBLESHOOTING.md#graph-breaks-in-the-compiled-core",
     "recompiles_vary_batch": "TROUBLESHOOTING.md#recompiles-on-batch-or-sequence-length",
     "recompiles_vary_seq": "TROUBLESHOOTING.md#recompiles-on-batch-or-sequence-length",
+    "mfu": "TROUBLESHOOTING.md#mfu-above-100",
 }
 
 
