@@ -21,7 +21,7 @@ def test_wandb_offline_run_records_config_metrics_and_predictions(tmp_path, monk
     # Offline runs keep config and metrics in the run's record log (synced later by `wandb sync`).
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     for key in ["global_batch_size", "vit_tiny", "loss", "grad_norm", "lr/lm", "tokens_per_s", "step_time_s",
-                "data_wait_fraction", "peak_memory_bytes", "val_accuracy", "val_loss", "data_skipped", "val/predictions"]:  # fmt: skip
+                "data_wait_fraction", "peak_memory_bytes", "val_accuracy", "val_loss", "data_skipped_draws", "val/predictions"]:  # fmt: skip
         assert key.encode() in records, key
     files = runs[0] / "files"
     tables = list((files / "media" / "table" / "val").glob("predictions_*.table.json"))

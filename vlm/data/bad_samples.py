@@ -123,11 +123,12 @@ class SkipTally:
         return {"bad": bad, "draws": self.draws, "bad_draws": self.bad_draws}
 
     def load_state_dict(self, state: dict) -> None:
-        self.bad = {reason: {int(i): label for i, label in seen.items()} for reason, seen in state["bad"].items()}
+        self.bad = {}
+        self.merge([state])
         self.draws, self.bad_draws = state["draws"], state["bad_draws"]
 
     def merge(self, states: list[dict]) -> None:
         """Union of other processes' bad samples (each process saw its own share of every step)."""
         for state in states:
-            for reason, seen in state["bad"].items():
+            for reason, seen in state["bad"].items():  # JSON keys are strings
                 self.bad.setdefault(reason, {}).update({int(i): label for i, label in seen.items()})

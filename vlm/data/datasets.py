@@ -24,7 +24,7 @@ from vlm.data.chat_format import ChatFormatConfig
 from vlm.data.hf import HFConfig, HFDataset
 from vlm.data.images import ImageSplittingConfig
 from vlm.data.llava import LlavaConfig, LlavaDataset
-from vlm.data.processing import EncodedSample, SampleProcessor
+from vlm.data.processing import EncodedSample, SampleProcessor, message_text
 from vlm.data.shapes import ShapesConfig, ShapesVQA
 from vlm.data.tokenizer import TokenizerConfig
 
@@ -79,9 +79,7 @@ def dataset_corpus(dataset: Dataset, limit: int = 2000) -> Iterator[str]:
             messages = dataset[index]["messages"]
         except BadSample:
             continue
-        for message in messages:
-            content = message["content"]
-            yield from [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+        yield from map(message_text, messages)
 
 
 class EncodedDataset(Dataset):

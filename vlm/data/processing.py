@@ -39,13 +39,15 @@ def image_part_count(messages: list[dict]) -> int:
     return sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image")
 
 
+def message_text(message: dict) -> str:
+    """A message's text: its string content, or its text parts joined (image parts left out)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+
+
 def last_answer(messages: list[dict]) -> str | None:
     """The text of the last assistant message (the reference answer for evaluation), or None."""
-    for message in reversed(messages):
-        if message["role"] == "assistant":
-            content = message["content"]
-            return content if isinstance(content, str) else "".join(p.get("text", "") for p in content if p["type"] == "text")
-    return None
+    return next((message_text(m) for m in reversed(messages) if m["role"] == "assistant"), None)
 
 
 class SampleProcessor:
@@ -66,6 +68,7 @@ class SampleProcessor:
         self.image_run = [image_token_id] * tokens_per_image
         self.splitting = splitting or ImageSplittingConfig()
         self.max_image_pixels = max_image_pixels
+        self._layouts: dict[tuple[int, int], list[int]] = {(1, 1): self.image_run}  # grid -> ids, tokenized once
 
     def __call__(self, sample: dict, index: int) -> EncodedSample:
         """The training encoding: raises BadSample if the sample cannot be trained on."""
@@ -121,7 +124,7 @@ class SampleProcessor:
         parts, images = image_part_count(messages), len(sample.get("images", []))
         if parts != images:
             raise BadSample("marker_mismatch", f"{parts} image marker(s) in the conversation but {images} image(s)", label)
-        if need_answer and not any(m["role"] == "assistant" and (last_answer([m]) or "").strip() for m in messages):
+        if need_answer and not any(m["role"] == "assistant" and message_text(m).strip() for m in messages):
             raise BadSample("nothing_to_learn", "has no assistant turn with a non-empty answer", label)
 
     def _images(self, sample: dict, label: str) -> tuple[list[list[int]], torch.Tensor]:
@@ -140,9 +143,11 @@ class SampleProcessor:
 
     def _layout(self, grid: tuple[int, int]) -> list[int]:
         """One image's ids: tiles each preceded by its grid position as text, then the global view."""
-        rows, cols = grid
-        if rows * cols == 1:
-            return self.image_run
+        if grid not in self._layouts:
+            self._layouts[grid] = self._tile_layout(*grid)
+        return self._layouts[grid]
+
+    def _tile_layout(self, rows: int, cols: int) -> list[int]:
         ids = []
         for r in range(rows):
             for c in range(cols):

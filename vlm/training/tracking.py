@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm.data.images import load_image
+from vlm.data.processing import message_text
 
 
 @dataclass
@@ -96,8 +97,7 @@ class WandbTracker(Tracker):
 
 
 def _first_question(messages: list[dict]) -> str:
-    content = next(m for m in messages if m["role"] == "user")["content"]
-    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+    return next((message_text(m) for m in messages if m["role"] == "user"), "")
 
 
 def build_tracker(cfg: LoggerConfig | None, run_dir: Path, config: dict) -> Tracker:

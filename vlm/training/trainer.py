@@ -275,7 +275,7 @@ class Trainer:
             "step_time_s": elapsed,
             "data_wait_fraction": data_wait / elapsed,
             "micro_batch_size": self.accumulator.micro_batch_size,
-            "data_skipped": self.data_skips.bad_draws,  # bad draws over all processes so far
+            "data_skipped_draws": self.data_skips.bad_draws,  # bad samples drawn so far, all processes, repeats too
             "peak_memory_bytes": peak_memory_bytes(self.accelerator.device),
         }
 
