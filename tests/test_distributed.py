@@ -1,40 +1,228 @@
-"""Two processes == one: `accelerate launch` with DDP on CPU (gloo) gives the same losses and weights.
+"""Several processes train like one: real 2-process runs (gloo on CPU) through torchrun and accelerate launch.
 
-Each process takes half of every step's samples; the supervised-token count is summed over both
-before any backward, so the all-reduced gradient is the one-process gradient.
+Each process takes half of every step's samples; the supervised-token count is summed over both before any
+backward, so the all-reduced gradient is the one-process gradient. The one-process reference is a Trainer in
+this test process, on the same config. Every run here asserts the world size it got.
 Run: pytest tests/test_distributed.py
 """
 
 import json
+import os
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, TINY_VIT
+from tests.conftest import TINY, TINY_MODEL, TINY_VIT, compose_config, new_trainer
+from vlm.data.shapes_export import export
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["+experiment=shapes", *TINY, *TINY_VIT, "train.max_steps=3", "train.global_batch_size=8", "train.log_every=1",
-        "train.eval_every=0", "train.warmup_steps=0", "data.dataset.val_size=4"]  # fmt: skip
+RUN = ["train.max_steps=5", "train.global_batch_size=8", "train.log_every=1", "train.eval_every=0",
+       "train.warmup_steps=0", "train.lr=3e-3"]  # fmt: skip
+SHAPES = ["+experiment=shapes", *TINY, *TINY_VIT, *RUN]  # for train.py; compose_config adds the first part itself
+HANG_TIMEOUT_S = 240  # a run that hangs in a collective fails the test instead of stalling CI
 
 
-def launch(run_dir: Path, processes: int) -> tuple[list[float], dict]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    done = subprocess.run([*launcher, "train.py", *ARGS, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], load_file(run_dir / "checkpoints" / "final" / "model.safetensors")
+@dataclass
+class Run:
+    run_dir: Path
+    stderr: str
+
+    @property
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "train_log.jsonl").read_text().splitlines()]
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.records if "loss" in r]
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.run_dir / "metrics.json").read_text())
+
+    def weights(self) -> dict:
+        return load_file(self.run_dir / "checkpoints" / "final" / "model.safetensors")
 
 
-def test_two_processes_train_like_one(tmp_path):
-    one_losses, one_weights = launch(tmp_path / "one", 1)
-    two_losses, two_weights = launch(tmp_path / "two", 2)
-    assert len(two_losses) == 3
-    for a, b in zip(one_losses, two_losses):
-        assert abs(a - b) <= 1e-5 * abs(a)
-    for name, weight in one_weights.items():
-        assert torch.allclose(weight, two_weights[name], rtol=1e-5, atol=1e-6), name
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(name: str, processes: int) -> list[str]:
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    if name == "fsdp":  # the README's FSDP2 command; accelerate shards on CPU too (see distributed.py)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
+                "--num_processes", str(processes), "--main_process_port", str(free_port())]  # fmt: skip
+    # The README's command; --multi_gpu is accelerate's flag for "start N processes" (gloo on a CPU-only machine).
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]  # fmt: skip
+
+
+def launch(run_dir: Path, args: list[str], via: str = "torchrun", script: str = "train.py", expect_ok: bool = True) -> Run:
+    """Two processes; killed (with all their children) and failed if they run past HANG_TIMEOUT_S."""
+    command = [*launcher(via, 2), script, *args, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=HANG_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # The launcher starts each worker in a session of its own: kill the whole tree, workers first.
+        for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+            child.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"2-process run hung for {HANG_TIMEOUT_S} s: {stderr[-3000:]}")
+    if expect_ok:
+        assert process.returncode == 0, stderr[-4000:]
+    return Run(run_dir, stderr)
+
+
+def train_here(run_dir: Path, overrides: list[str], data: list[str] | None = None, experiment: str = "shapes") -> Run:
+    """The one-process reference: a Trainer in this process (composed as train.py composes)."""
+    new_trainer(compose_config(*overrides, experiment=experiment, data=data), run_dir).fit()
+    return Run(run_dir, "")
+
+
+def assert_close(a: list[float], b: list[float], rel: float = 1e-5) -> None:
+    assert len(a) == len(b) and a, (a, b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(x), (a, b)
+
+
+def assert_same_weights(a: dict, b: dict, rel: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.linalg.vector_norm(a[name] - b[name]) <= rel * torch.linalg.vector_norm(a[name]) + 1e-7, name
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Run:
+    return train_here(tmp_path_factory.mktemp("one"), [*TINY_VIT, *RUN])
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Run:
+    return launch(tmp_path_factory.mktemp("two"), SHAPES, via="torchrun")
+
+
+def test_two_processes_train_like_one(one_process, two_processes):
+    one, two = one_process.metrics, two_processes.metrics
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert "world_size 2: process 0" in (two_processes.run_dir / "train.log").read_text()
+    assert "world_size 2: process 1" in (two_processes.run_dir / "train_rank1.log").read_text()
+    # One writer: every step logged once.
+    assert [r["step"] for r in two_processes.records if "loss" in r] == [1, 2, 3, 4, 5]
+    # Different shares: the two processes' first steps are disjoint halves of the one-process first step.
+    rank0, rank1 = (p["first_step_samples"] for p in two["processes"])
+    (whole,) = (p["first_step_samples"] for p in one["processes"])
+    assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1) and set(rank0) | set(rank1) == set(whole)
+    assert_close(one_process.losses, two_processes.losses)
+    assert_same_weights(one_process.weights(), two_processes.weights())
+    # Validation: each process evaluates half; the merged figures are the one-process figures.
+    assert two["val_samples"] == one["val_samples"] == 16
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert two["val_accuracy"] == one["val_accuracy"] and two["val_accuracy_samples"] == one["val_accuracy_samples"]
+
+
+def test_accelerate_launch_that_starts_one_process_is_an_error(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts a single process: refused, not a quiet 1-process run."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", *SHAPES, f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert done.returncode != 0
+    assert "TROUBLESHOOTING.md#launch-runs-one-process" in done.stderr
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_out_of_memory_on_one_process_backs_off_on_both(two_processes, tmp_path, where):
+    """Only process 1 runs out (micro-batches above 2 samples); both halve from the same step, and the run
+    matches the clean 2-process run. Launched with accelerate (the README's flags)."""
+    oom = ["train.simulate_oom_above=2", "train.simulate_oom_on_process=1", f"train.simulate_oom_in={where}"]
+    run = launch(tmp_path, [*SHAPES, *oom], via="accelerate")
+    metrics = run.metrics
+    assert metrics["world_size"] == 2
+    assert metrics["oom_back_offs"] == 1 and metrics["micro_batch_size"] == 2  # seen by process 0 too
+    assert [r["micro_batch_size"] for r in run.records if "loss" in r] == [2, 2, 2, 2, 2]
+    assert f"out of memory in the {where} of a 4-sample micro-batch on process(es) [1]" in (tmp_path / "train.log").read_text()
+    assert_close(two_processes.losses, run.losses)
+    assert_same_weights(two_processes.weights(), run.weights())
+
+
+def one_image_corpus(directory: Path) -> list[str]:
+    """24 records of which only the first has an image: every step's images are on one process."""
+    path = export(directory, records=24, image_size=32)
+    records = json.loads(path.read_text())
+    for record in records[1:]:
+        del record["image"]
+        record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>", "").strip()
+    path.write_text(json.dumps(records))
+    return [f"data.dataset.path={path}", "data.dataset.val_fraction=0.2"]
+
+
+def test_a_step_with_all_images_on_one_process_completes(tmp_path):
+    data = one_image_corpus(tmp_path / "data")
+    args = [*RUN, "train.global_batch_size=16", "train.micro_batch_size=2", "train.best_metric=val_loss"]
+    one = train_here(tmp_path / "one", args, data=data, experiment="llava_tiny")
+    two = launch(tmp_path / "two", ["+experiment=llava_tiny", *data, *TINY_MODEL, *args], via="torchrun")
+    assert two.metrics["world_size"] == 2
+    assert_close(one.losses, two.losses)
+    assert_same_weights(one.weights(), two.weights())
+
+
+STOP_ON_PROCESS_0 = """
+import os, runpy, signal, sys
+import vlm.training.trainer as trainer_module
+
+def after_step(self, record, stop):
+    if self.step == 2 and self.rank == 0:  # the scheduler signals one process only
+        signal.raise_signal(signal.SIGTERM)
+    return original(self, record, stop)
+
+original = trainer_module.Trainer._after_step
+trainer_module.Trainer._after_step = after_step
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_resumed_two_process_run_repeats_the_uninterrupted_one(tmp_path):
+    """Dropout makes each process's RNG state matter; a SIGTERM to process 0 alone stops both at the same step."""
+    args = [*SHAPES, "+model.lm.config.attention_dropout=0.2", "train.save_every=0", "train.best_metric=null"]
+    straight = launch(tmp_path / "straight", args)
+    script = tmp_path / "stop_on_process_0.py"
+    script.write_text(STOP_ON_PROCESS_0)
+    stopped = launch(tmp_path / "resumed", args, script=str(script))
+    assert (tmp_path / "resumed" / "checkpoints" / "step_00000002").is_dir()
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = launch(tmp_path / "resumed", [*args, "train.resume=auto"])
+    assert "resumed from" in (tmp_path / "resumed" / "train_rank1.log").read_text()
+    assert resumed.metrics["world_size"] == 2 and stopped.run_dir == resumed.run_dir
+    assert resumed.losses == straight.losses
+    assert_same_weights(straight.weights(), resumed.weights(), rel=0)
+
+
+def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path):
+    """FSDP2 through accelerate's plugin (configs/accelerate/fsdp.yaml): same per-step losses as one process;
+    checkpoints/final is one consolidated file that loads on one process; a stopped run resumes exactly."""
+    straight = launch(tmp_path / "straight", SHAPES, via="fsdp")
+    assert "world_size 2: process 0 (DistributedType.FSDP" in (straight.run_dir / "train.log").read_text()
+    assert straight.metrics["world_size"] == 2
+    assert_close(one_process.losses, straight.losses)
+    assert_same_weights(one_process.weights(), straight.weights())
+    assert straight.metrics["val_loss"] == pytest.approx(one_process.metrics["val_loss"], rel=1e-5)
+    script = tmp_path / "stop_on_process_0.py"
+    script.write_text(STOP_ON_PROCESS_0)
+    launch(tmp_path / "resumed", SHAPES, via="fsdp", script=str(script))
+    resumed = launch(tmp_path / "resumed", [*SHAPES, "train.resume=auto"], via="fsdp")
+    assert_close(straight.losses, resumed.losses, rel=1e-6)
+    assert_same_weights(straight.weights(), resumed.weights(), rel=1e-6)

@@ -59,7 +59,7 @@ class StopAfter(Trainer):
     def _after_step(self, record, stop):
         if self.step == self.stop_at:
             signal.raise_signal(self.signal_to_send)
-        super()._after_step(record, stop)
+        return super()._after_step(record, stop)
 
 
 class InterruptAfter(StopAfter):
@@ -85,12 +85,12 @@ import os, signal, sys, runpy
 from safetensors.torch import save_model
 import vlm.training.trainer as trainer_module
 
-def dying_write(self, directory):
+def dying_write(self, directory, *rest):
     if self.step == 6:  # half a checkpoint on disk, then the process dies as under kill -9
         directory.mkdir(parents=True)
         save_model(self.unwrapped, str(directory / "model.safetensors"))
         os.kill(os.getpid(), signal.SIGKILL)
-    original(self, directory)
+    original(self, directory, *rest)
 
 original = trainer_module.Trainer._write_checkpoint
 trainer_module.Trainer._write_checkpoint = dying_write

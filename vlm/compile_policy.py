@@ -36,15 +36,13 @@ def mark_batch_and_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
                 torch._dynamo.maybe_mark_dynamic(tensor, 1)
 
 
-def mark_image_count_unbacked(pixel_values: torch.Tensor | None) -> None:
+def mark_image_count_unbacked(pixel_values: torch.Tensor) -> None:
     """[num_images, C, H, W]: the image count becomes an unbacked size, one the graph never guards on.
 
     A backed (merely dynamic) image count gets guarded by the CPU convolution's backend choice, which
     tests `num_images >= 16` for stride-1 convs (one graph below 16 images, another from 16 on) and
     `num_images > 1`. Unbacked, the compiled core serves any image count, one image included.
     """
-    if pixel_values is None:
-        return
     if _UNBACKED_TAKES_MIN:
         torch._dynamo.decorators.mark_unbacked(pixel_values, 0, min=1)
     else:  # older torch (2.11 has no `min`): backed instead, at worst one recompile at 16 images on CPU

@@ -40,3 +40,13 @@ class Collator:
             # Counted here, on the host, so normalising the loss needs no device sync.
             "num_supervised_tokens": sum(s.num_predicted for s in samples),
         }
+
+
+def filler_sample(pad_token_id: int, image_size: int) -> EncodedSample:
+    """One padding token, nothing supervised, no image: a micro-batch that adds exactly zero to the loss."""
+    return EncodedSample(
+        index=-1,
+        input_ids=torch.tensor([pad_token_id]),
+        labels=torch.tensor([IGNORE_INDEX]),
+        pixel_values=torch.zeros(0, 3, image_size, image_size),
+    )

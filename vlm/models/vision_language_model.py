@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.compile_policy import mark_batch_and_sequence_dynamic, mark_image_count_unbacked
+from vlm.compile_policy import lm_layers, mark_batch_and_sequence_dynamic, mark_image_count_unbacked, vision_blocks
 from vlm.data.chat_format import IGNORE_INDEX
 from vlm.models.language_model import LMConfig, build_language_model
 from vlm.models.projector import ProjectorConfig, build_projector
@@ -60,6 +60,13 @@ class VisionLanguageModel(nn.Module):
         )
         self.tokens_per_image = self.projector.tokens_per_image
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Class names of the repeated blocks (LM decoder layers, vision blocks): the units FSDP shards and
+        gathers one at a time. accelerate's transformer wrap policy reads this attribute, as on HF models."""
+        blocks = [*lm_layers(self.lm), *vision_blocks(self.vision.backbone)]
+        return sorted({type(block).__name__ for block in blocks})
+
     def check_placeholders(self, input_ids: torch.Tensor, image_counts: Sequence[int], sample_indices: Sequence[int]) -> None:
         found = (input_ids == self.token_ids.image).sum(dim=1).tolist()
         for row, (n_found, n_images) in enumerate(zip(found, image_counts)):
@@ -70,17 +77,23 @@ class VisionLanguageModel(nn.Module):
                     "See TROUBLESHOOTING.md#placeholder-count-mismatch."
                 )
 
-    def _images_tensor(self, batch: dict) -> torch.Tensor | None:
-        """Check placeholders against images, and turn the batch's images into one tensor (or None)."""
+    def _images_tensor(self, batch: dict) -> torch.Tensor:
+        """Check placeholders against images, and turn the batch's images into one tensor."""
         input_ids = batch["input_ids"]
         indices = batch.get("sample_indices") or list(range(len(input_ids)))
         self.check_placeholders(input_ids, batch["image_counts"], indices)
         pixel_values = batch.get("pixel_values")
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.cat(list(pixel_values)) if pixel_values else None
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            return None
-        return pixel_values
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            return pixel_values
+        # A batch without images still runs the vision tower, on one blank image merged into no position:
+        # its result (and the gradient it sends back) is exactly zero, but every forward runs the same
+        # modules. So with several processes DDP's gradient buckets and FSDP's all-gathers match whatever
+        # each process's share holds, and the optimizer sees the same (zero, not missing) gradients for any
+        # number of processes.
+        size = self.cfg.vision.image_size
+        return torch.zeros(1, 3, size, size, device=input_ids.device)
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute LM and vision block activations in the backward instead of storing them."""
@@ -99,17 +112,15 @@ class VisionLanguageModel(nn.Module):
         mark_image_count_unbacked(pixel_values)
         return self._forward_core(input_ids, pixel_values, attention_mask, labels)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         embeds = self.lm.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            return embeds
         features = self.projector(self.vision(pixel_values.to(embeds.dtype)))
         return merge_image_features(embeds, input_ids, self.token_ids.image, features.flatten(0, 1))
 
     def _forward_core(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
+        pixel_values: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
     ) -> CoreOutput:
@@ -132,8 +143,10 @@ class VisionLanguageModel(nn.Module):
         return CoreOutput(logits, loss_sum, (targets != IGNORE_INDEX).sum())
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding from left-padded prompts; returns only the new tokens [B, <=max_new_tokens]."""
+    def generate(self, batch: dict, max_new_tokens: int, synced: bool = False) -> torch.Tensor:
+        """Greedy decoding from left-padded prompts; returns only the new tokens [B, <=max_new_tokens].
+
+        `synced`: keep running forwards until every process has finished (FSDP: each forward is a collective)."""
         embeds = self.embed(batch["input_ids"], self._images_tensor(batch))
         return self.lm.generate(
             inputs_embeds=embeds,
@@ -142,4 +155,5 @@ class VisionLanguageModel(nn.Module):
             do_sample=False,
             eos_token_id=self.token_ids.stop,
             pad_token_id=self.token_ids.pad,
+            synced_gpus=synced,
         )

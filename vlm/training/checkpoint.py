@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from vlm.build import build_model_and_processor, data_config
@@ -29,9 +29,14 @@ class LoadedCheckpoint:
     config: DictConfig
 
 
-def save_checkpoint(directory: Path, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> None:
+def save_checkpoint(directory: Path, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """`weights`: the full state dict when the model's own tensors are shards (FSDP; see model_state.py)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / "model.safetensors"))
+    if weights is None:
+        save_model(model, str(directory / "model.safetensors"))
+    else:
+        save_file(_unshared(weights), str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(directory / "tokenizer")
     model.lm.config.save_pretrained(directory / "lm")
     OmegaConf.save(cfg, directory / "config.yaml", resolve=True)
@@ -51,3 +56,13 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Load
     model, processor = build_model_and_processor(cfg, data, tokenizer)
     load_model(model, str(directory / "model.safetensors"), device=str(device))
     return LoadedCheckpoint(model.to(device), tokenizer, processor, cfg)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give repeats their own copy."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out

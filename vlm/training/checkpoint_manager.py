@@ -60,19 +60,27 @@ def is_complete(path: Path) -> bool:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, keep_last: int, best_metric: str | None):
+    """Owns the checkpoint directory. With several processes every one keeps the same view of the best
+    evaluation (they all see the same merged metrics) but only the writer touches the disk."""
+
+    def __init__(self, directory: Path, keep_last: int, best_metric: str | None, writer: bool = True):
         if best_metric is not None and best_metric not in HIGHER_IS_BETTER:
             raise ValueError(f"train.best_metric={best_metric!r} is not a metric evaluation reports; use one of "
                              f"{sorted(HIGHER_IS_BETTER)} or null")  # fmt: skip
         self.directory = Path(directory)
-        self.keep_last, self.best_metric = keep_last, best_metric
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(".tmp-*"):  # partial writes of a killed run
-            log.warning("removing partial checkpoint %s left by an interrupted save", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+        self.keep_last, self.best_metric, self.writer = keep_last, best_metric, writer
+        if writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(".tmp-*"):  # partial writes of a killed run
+                log.warning("removing partial checkpoint %s left by an interrupted save", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        path = self.directory / BEST
+        self._best = json.loads(path.read_text()) if path.exists() else None
 
     def checkpoints(self) -> list[Path]:
         """Complete step checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
         found = [p for p in self.directory.iterdir() if step_of(p) >= 0 and is_complete(p)]
         return sorted(found, key=step_of)
 
@@ -99,15 +107,15 @@ class CheckpointManager:
         best, value = self.best(), metrics[self.best_metric]
         if best is not None and (value <= best["value"] if HIGHER_IS_BETTER[self.best_metric] else value >= best["value"]):
             return False
-        record = {"step": step, "metric": self.best_metric, "value": metrics[self.best_metric]}
-        tmp = self.directory / f".tmp-{BEST}"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.directory / BEST)
+        self._best = {"step": step, "metric": self.best_metric, "value": metrics[self.best_metric]}
+        if self.writer:
+            tmp = self.directory / f".tmp-{BEST}"
+            tmp.write_text(json.dumps(self._best))
+            os.replace(tmp, self.directory / BEST)
         return True
 
     def best(self) -> dict | None:
-        path = self.directory / BEST
-        return json.loads(path.read_text()) if path.exists() else None
+        return self._best
 
     def _rotate(self) -> None:
         best = self.best()

@@ -3,10 +3,13 @@
 Works on any dataset of the contract (datasets.py): the reference answer is the sample's `answer`, or its
 last assistant message; `kind`, when given, splits accuracy by kind. Accuracy counts only samples whose
 reference fits in `max_new_tokens` (short-answer VQA); long-form data still gets its validation loss.
-Bad validation samples are skipped and counted by reason, as in training.
+Bad validation samples are skipped and counted by reason, as in training. With several processes each
+evaluates its own samples and `merge_results` combines their sums, so the figures are the one-process ones.
 """
 
+import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,18 +18,34 @@ from transformers import PreTrainedTokenizerBase
 
 from vlm.data.bad_samples import BadSample
 from vlm.data.collate import Collator
-from vlm.data.processing import SampleProcessor, last_answer
+from vlm.data.processing import EncodedSample, SampleProcessor, last_answer
 from vlm.training.device import move_to
 
 
 @dataclass
 class EvalResult:
-    loss: float  # summed token loss / supervised tokens over every evaluated sample
-    accuracy: float | None  # over samples with short answers; None when there are none
-    accuracy_by_kind: dict[str, float]
-    predictions: list[dict]  # {"index", "id", "kind", "answer", "prediction", "correct"}
+    loss_sum: float  # summed token loss over every evaluated sample
+    tokens: int  # their supervised tokens
+    predictions: list[dict]  # {"index", "id", "kind", "answer", "prediction", "correct"}, by index
     skipped: dict[str, int]  # bad validation samples by reason
     num_samples: int  # samples evaluated (not skipped)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def accuracy(self) -> float | None:
+        """Over samples with short answers; None when there are none."""
+        return sum(p["correct"] for p in self.predictions) / len(self.predictions) if self.predictions else None
+
+    @property
+    def accuracy_by_kind(self) -> dict[str, float]:
+        hits, totals = defaultdict(int), defaultdict(int)
+        for p in self.predictions:
+            totals[p["kind"]] += 1
+            hits[p["kind"]] += p["correct"]
+        return {kind: hits[kind] / totals[kind] for kind in sorted(totals)}
 
     def metrics(self) -> dict:
         """The figures a best checkpoint can be chosen by."""
@@ -52,20 +71,24 @@ def evaluate(
     processor: SampleProcessor,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
-    num_samples: int,
+    indices: Sequence[int],
     batch_size: int,
     max_new_tokens: int,
     device: torch.device,
+    in_step: tuple[int, EncodedSample] | None = None,
 ) -> EvalResult:
+    """`in_step` = (batches, filler) when processes must run the same forwards (FSDP gathers each block's
+    weights in its forward): every process runs `batches` batches, padding a batch with none of its own
+    samples (or prompts) with the zero-weight `filler`, and generation runs until every process is done."""
     train_collate = Collator(tokenizer.pad_token_id, padding_side="right")
     prompt_collate = Collator(tokenizer.pad_token_id, padding_side="left")
     was_training = model.training
     model.eval()
     loss_sum, tokens, predictions, skipped = 0.0, 0, [], Counter()
-    count = min(num_samples, len(dataset))
-    for start in range(0, count, batch_size):
+    batches, filler = in_step or (math.ceil(len(indices) / batch_size), None)
+    for start in range(0, batches * batch_size, batch_size):
         full, prompts, references = [], [], []
-        for index in range(start, min(start + batch_size, count)):
+        for index in indices[start : start + batch_size]:
             try:
                 raw = dataset[index]
                 encoded, prompt = processor.encode_for_eval(raw, index)
@@ -77,24 +100,28 @@ def evaluate(
             if len(processor.chat_format.text_ids(answer)) <= max_new_tokens:  # a longer answer cannot be generated whole
                 prompts.append(prompt)
                 references.append({"index": index, "id": raw.get("id", index), "kind": raw.get("kind", "all"), "answer": answer})
-        if full:
-            loss_sum += float(model(move_to(train_collate(full), device)).loss_sum)
+        if full or filler:
+            loss_sum += float(model(move_to(train_collate(full or [filler]), device)).loss_sum)  # the filler adds 0
             tokens += sum(s.num_predicted for s in full)
-        if prompts:
-            new_tokens = model.generate(move_to(prompt_collate(prompts), device), max_new_tokens)
+        if prompts or filler:
+            batch = move_to(prompt_collate(prompts or [filler]), device)
+            new_tokens = model.generate(batch, max_new_tokens, synced=filler is not None)
             for reference, text in zip(references, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                predictions.append({**reference, "prediction": text})
+                correct = normalise_answer(text) == normalise_answer(reference["answer"])
+                predictions.append({**reference, "prediction": text, "correct": correct})
     model.train(was_training)
-    accuracy, by_kind = _score(predictions)
-    evaluated = count - sum(skipped.values())
-    return EvalResult(loss_sum / tokens if tokens else float("nan"), accuracy, by_kind, predictions, dict(skipped), evaluated)
+    return EvalResult(loss_sum, tokens, predictions, dict(skipped), len(indices) - sum(skipped.values()))
 
 
-def _score(predictions: list[dict]) -> tuple[float | None, dict[str, float]]:
-    hits, totals = defaultdict(int), defaultdict(int)
-    for p in predictions:
-        p["correct"] = normalise_answer(p["prediction"]) == normalise_answer(p["answer"])
-        totals[p["kind"]] += 1
-        hits[p["kind"]] += p["correct"]
-    by_kind = {kind: hits[kind] / totals[kind] for kind in sorted(totals)}
-    return (sum(hits.values()) / len(predictions) if predictions else None), by_kind
+def merge_results(parts: list[EvalResult]) -> EvalResult:
+    """One result from those of processes that each evaluated a part of the samples."""
+    skipped = Counter()
+    for part in parts:
+        skipped.update(part.skipped)
+    return EvalResult(
+        sum(p.loss_sum for p in parts),
+        sum(p.tokens for p in parts),
+        sorted((x for p in parts for x in p.predictions), key=lambda x: x["index"]),
+        dict(skipped),
+        sum(p.num_samples for p in parts),
+    )

@@ -53,6 +53,7 @@ class TrainConfig:
     simulate_oom_above: int | None = None  # testing: micro-batches above this many samples raise OOM
     simulate_oom_above_tokens: int | None = None  # testing: ... or above this many tokens (batch x length)
     simulate_oom_in: str = "forward"  # forward | backward: where the simulated OOM strikes
+    simulate_oom_on_process: int | None = None  # testing: only this process (rank) runs out; null: every one
     cuda_alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF unless already set; "" leaves it
     cpu_keep_freed_bytes: int = 1 << 30  # glibc keeps this much freed memory for the next step; 0: glibc default
     # Logging, evaluation, checkpoints.

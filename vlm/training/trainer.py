@@ -13,17 +13,15 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_model
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from vlm.build import build_components, validate_config
 from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.bad_samples import SkippedSample, SkipTally
-from vlm.data.collate import Collator
+from vlm.data.collate import Collator, filler_sample
 from vlm.data.datasets import EncodedDataset
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
 from vlm.training.batching import StepSampler, step_loader
@@ -42,7 +40,9 @@ from vlm.training.device import (
     move_to,
     peak_memory_bytes,
 )
-from vlm.training.evaluation import EvalResult, evaluate, majority_baseline
+from vlm.training.distributed import Agreement, build_accelerator, describe, log_to_own_file, prepare
+from vlm.training.evaluation import EvalResult, evaluate, majority_baseline, merge_results
+from vlm.training.model_state import ModelState
 from vlm.training.optim import (
     apply_trainable,
     build_optimizer,
@@ -61,8 +61,10 @@ def warn_if_batch_norm(model: torch.nn.Module) -> None:
                     and any(p.requires_grad for p in m.parameters())]  # fmt: skip
     if trainable_bn:
         log.warning(
-            "the model has trainable BatchNorm layers (%s, ...): with micro-batches smaller than the step, their "
-            "statistics (and so the gradients) depend on the split. See TROUBLESHOOTING.md#accumulation-with-batchnorm.",
+            "the model has trainable BatchNorm layers (%s, ...): with micro-batches smaller than the step, or several "
+            "processes (each normalises over its own share: BatchNorm statistics are per process by nature), their "
+            "statistics (and so the gradients) depend on the split; a micro-batch without images runs the tower on a "
+            "blank image, which moves the running statistics. See TROUBLESHOOTING.md#accumulation-with-batchnorm.",
             trainable_bn[0],
         )
 
@@ -87,10 +89,16 @@ class Trainer:
             raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
         if tc.mixed_precision == "fp16" and (tc.device == "cpu" or not torch.cuda.is_available()):
             raise ValueError("train.mixed_precision=fp16 needs CUDA (its grad scaler); use bf16 on CPU")
-        self.accelerator = Accelerator(cpu=tc.device == "cpu", mixed_precision=tc.mixed_precision)
-        set_seed(tc.seed)
+        self.accelerator = build_accelerator(tc.device, tc.mixed_precision)
+        self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        log_to_own_file(self.run_dir, self.rank)
+        log.info("%s", describe(self.accelerator))
+        set_seed(tc.seed)  # the same on every process: identical initial weights
         self.parts = build_components(cfg)
         model = self.parts.model
+        if self.world_size > 1:
+            set_seed(tc.seed + self.rank)  # from here on (dropout) each process draws its own numbers
         settings = param_settings(model, tc)
         apply_trainable(model, settings)
         if tc.activation_checkpointing:
@@ -98,15 +106,19 @@ class Trainer:
         apply_compile(model, mode_for_device(tc.compile, self.accelerator.device))
         optimizer = build_optimizer(model, tc, settings)
         self.scheduler = build_scheduler(optimizer, tc)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = prepare(self.accelerator, model, optimizer)
+        self.state = ModelState(self.accelerator, self.model, self.optimizer)
         self.share = self._per_process_share()
-        simulate = SimulatedOOM(tc.simulate_oom_above, tc.simulate_oom_above_tokens, tc.simulate_oom_in)
-        use_simulation = tc.simulate_oom_above is not None or tc.simulate_oom_above_tokens is not None
-        self.accumulator = MicroBatchAccumulator(min(tc.micro_batch_size or self.share, self.share), simulate if use_simulation else None)
-        if self.accumulator.micro_batch_size < self.share or use_simulation:
+        self.agreement = Agreement(self.world_size)
+        self.accumulator = MicroBatchAccumulator(
+            min(tc.micro_batch_size or self.share, self.share), self._simulated_oom(), self.agreement
+        )
+        if self.accumulator.micro_batch_size < self.share or self.accumulator.simulate or self.world_size > 1:
             warn_if_batch_norm(model)
         self.collator = Collator(self.parts.tokenizer.pad_token_id, padding_side="right")
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", tc.keep_last, tc.best_metric)
+        self.filler = filler_sample(self.parts.tokenizer.pad_token_id, model.cfg.vision.image_size)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", tc.keep_last, tc.best_metric, self.is_main)
+        self.first_step_samples, self.peak_memory = None, 0
         self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0
         data = self.parts.data
         self.data_skips = SkipTally(data.on_error, data.max_skip_fraction, data.skip_check_after)
@@ -115,7 +127,6 @@ class Trainer:
         resume_from = resolve_resume(tc.resume, self.checkpoints)
         if resume_from is not None:
             self._resume(resume_from)
-        self.is_main = self.accelerator.is_main_process
         self.train_log = JsonlLog(self.run_dir / "train_log.jsonl")
         if self.is_main:
             self.train_log.truncate_after(self.step)  # a resumed run rewrites the steps after its checkpoint
@@ -130,8 +141,16 @@ class Trainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def _simulated_oom(self) -> SimulatedOOM | None:
+        tc = self.train_cfg
+        if tc.simulate_oom_above is None and tc.simulate_oom_above_tokens is None:
+            return None
+        if tc.simulate_oom_on_process is not None and tc.simulate_oom_on_process != self.rank:
+            return None
+        return SimulatedOOM(tc.simulate_oom_above, tc.simulate_oom_above_tokens, tc.simulate_oom_in)
+
     def _per_process_share(self) -> int:
-        world = self.accelerator.num_processes
+        world = self.world_size
         if self.train_cfg.global_batch_size % world:
             raise ValueError(f"train.global_batch_size={self.train_cfg.global_batch_size} is not divisible by {world} processes")
         return self.train_cfg.global_batch_size // world
@@ -155,12 +174,12 @@ class Trainer:
         self.data_skips.count_draws(draws, bad)
         if step_tokens == 0:
             return math.nan, 0.0
-        # DDP averages gradients over processes; scaling by the process count turns that into a sum.
-        per_process_tokens = step_tokens / self.accelerator.num_processes
+        # DDP and FSDP average gradients over processes; scaling by the process count turns that into a sum.
+        per_process_tokens = step_tokens / self.world_size
         loss_sum = self.accumulator.run(
             self.step, kept, self.collator, self._loss_sum, self.accelerator.backward,
             lambda: self.optimizer.zero_grad(set_to_none=True), lambda: self.accelerator.no_sync(self.model),
-            per_process_tokens,
+            per_process_tokens, self.filler,
         )  # fmt: skip
         (total,) = self._all_processes_sum(0.0 if loss_sum is None else loss_sum)
         return total / step_tokens, step_tokens
@@ -198,7 +217,7 @@ class Trainer:
         }
 
     def _all_processes_sum(self, *values) -> list[float]:
-        if self.accelerator.num_processes == 1:
+        if self.world_size == 1:
             return [float(v) for v in values]
         device = self.accelerator.device
         tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
@@ -223,7 +242,7 @@ class Trainer:
     def batches(self):
         sampler = StepSampler(
             len(self.parts.train_set), self.train_cfg.global_batch_size, self.train_cfg.seed, self.step,
-            self.accelerator.process_index, self.accelerator.num_processes,
+            self.rank, self.world_size,
         )  # fmt: skip
         encoded = EncodedDataset(self.parts.train_set, self.parts.processor)
         return iter(step_loader(encoded, sampler, self.parts.data.num_workers))
@@ -232,27 +251,33 @@ class Trainer:
         tc = self.train_cfg
         self.model.train()
         batches = self.batches()
-        stats = {"loss": None}
+        stats, stopping = {"loss": None}, None
         progress = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.is_main)
         with StopSignal() as stop:
             while self.step < tc.max_steps:
                 step_start = time.perf_counter()
                 samples = next(batches)
+                if self.first_step_samples is None:
+                    self.first_step_samples = [s.index for s in samples]
                 data_wait = time.perf_counter() - step_start
                 stats = self.train_step(samples)
                 record = self._step_record(stats, time.perf_counter() - step_start, data_wait)
                 progress.update(1)
                 progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                self._after_step(record, stop)
-                if stop.received:
+                stopping = self._after_step(record, stop)
+                if stopping:
                     break
         progress.close()
-        if stop.received:
-            return self._stopped(stop.received)
+        if stopping:
+            return self._stopped(stopping)
         return self._finish(stats["loss"])
 
-    def _after_step(self, record: dict, stop: StopSignal) -> None:
+    def _after_step(self, record: dict, stop: StopSignal) -> str | None:
+        """Log, evaluate, save; returns why the run stops here (a signal to any process) or None."""
         tc, step = self.train_cfg, self.step
+        # A signal may reach one process, or reach them at different steps: all stop at the same step.
+        anyone = self.agreement.max(bool(stop.received))  # called by every process, whatever it received
+        stopping = stop.received or ("a signal to another process" if anyone else None)
         if self.is_main and (step % tc.log_every == 0 or step == tc.max_steps or record["skipped"]):
             self.train_log.write(record)
             self.tracker.log(record, step)
@@ -264,44 +289,55 @@ class Trainer:
                 log.info("step %d: new best %s; saving its checkpoint", step, tc.best_metric)
                 self.save()
                 saved = True
-        if not saved and (stop.received or (tc.save_every and step % tc.save_every == 0)):
+        if not saved and (stopping or (tc.save_every and step % tc.save_every == 0)):
             self.save()
+        return stopping
 
     def _step_record(self, stats: dict, elapsed: float, data_wait: float) -> dict:
+        peak = peak_memory_bytes(self.accelerator.device)
+        self.peak_memory = max(self.peak_memory, peak)
         return {
             "step": self.step,
             **{k: v for k, v in stats.items() if k != "tokens"},
-            "tokens_per_s": stats["tokens"] * self.accelerator.num_processes / elapsed,
+            "tokens_per_s": stats["tokens"] * self.world_size / elapsed,
             "step_time_s": elapsed,
             "data_wait_fraction": data_wait / elapsed,
             "micro_batch_size": self.accumulator.micro_batch_size,
             "data_skipped_draws": self.data_skips.bad_draws,  # bad samples drawn so far, all processes, repeats too
-            "peak_memory_bytes": peak_memory_bytes(self.accelerator.device),
+            "peak_memory_bytes": peak,  # this process's
         }
 
     def evaluate(self, num_samples: int) -> EvalResult:
+        """Each process evaluates every world_size-th sample; every process gets the merged result."""
         tc = self.train_cfg
-        return evaluate(
+        count = min(num_samples, len(self.parts.val_set))
+        indices = range(self.rank, count, self.world_size)
+        in_step = (math.ceil(math.ceil(count / self.world_size) / tc.eval_batch_size), self.filler) if self.state.sharded else None
+        result = evaluate(
             self.unwrapped, self.parts.processor, self.parts.tokenizer, self.parts.val_set,
-            num_samples, tc.eval_batch_size, tc.max_new_tokens, self.accelerator.device,
+            indices, tc.eval_batch_size, tc.max_new_tokens, self.accelerator.device, in_step,
         )  # fmt: skip
+        return merge_results(gather_object([result])) if self.world_size > 1 else result
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> Path | None:
         self.accelerator.wait_for_everyone()
-        path = self.checkpoints.save(self.step, self._write_checkpoint) if self.is_main else None
+        rng = gather_object([rng_states()]) if self.world_size > 1 else [rng_states()]  # every process's, by rank
+        weights, optimizer = self.state.gather_weights(), self.state.optimizer_state()  # FSDP: gathered to process 0
+        write = lambda directory: self._write_checkpoint(directory, rng, weights, optimizer)  # noqa: E731
+        path = self.checkpoints.save(self.step, write) if self.is_main else None
         self.accelerator.wait_for_everyone()
         return path
 
-    def _write_checkpoint(self, directory: Path) -> None:
-        save_checkpoint(directory, self.unwrapped, self.parts.tokenizer, self.cfg)
+    def _write_checkpoint(self, directory: Path, rng: list[dict], weights: dict | None, optimizer: dict) -> None:
+        save_checkpoint(directory, self.unwrapped, self.parts.tokenizer, self.cfg, weights)
         scaler = self.accelerator.scaler
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_states(),
+            "rng": rng,
         }
         torch.save(state, directory / TRAINING_STATE)
         trainer_state = {
@@ -317,7 +353,7 @@ class Trainer:
     def _load_weights(self, directory: Path) -> None:
         """Model weights only (train.init_from): the next stage starting from the previous stage's result."""
         try:
-            load_model(self.unwrapped, str(directory / "model.safetensors"), device=str(self.accelerator.device))
+            self.state.load_weights(directory / "model.safetensors")
         except (RuntimeError, FileNotFoundError) as err:
             raise ResumeMismatchError(
                 f"cannot load weights from {directory}: {err}. The model config must match the checkpoint's "
@@ -329,17 +365,26 @@ class Trainer:
         self._check_compatible(directory, trainer_state)
         self._load_weights(directory)
         state = torch.load(directory / TRAINING_STATE, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.state.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        restore_rng_states(state["rng"])
+        self._restore_rng(state["rng"])
         self.step = trainer_state["step"]
         self.accumulator.micro_batch_size = min(self.accumulator.micro_batch_size, trainer_state["micro_batch_size"])
         self.bad_in_a_row, self.bad_total = trainer_state["bad_steps_in_a_row"], trainer_state["bad_steps_total"]
         if "data_skips" in trainer_state:  # checkpoints from before bad-sample skipping have none
             self.data_skips.load_state_dict(trainer_state["data_skips"])
         log.info("resumed from %s at step %d", directory, self.step)
+
+    def _restore_rng(self, saved: list[dict] | dict) -> None:
+        saved = [saved] if isinstance(saved, dict) else saved  # checkpoints from before per-process RNG
+        if len(saved) != self.world_size:
+            log.warning(
+                "the checkpoint holds RNG states of %d process(es), this run has %d: dropout and sampling continue "
+                "from process 0's state, so the run will not repeat the interrupted one exactly", len(saved), self.world_size,
+            )  # fmt: skip
+        restore_rng_states(saved[self.rank] if len(saved) == self.world_size else saved[0])
 
     def _check_compatible(self, directory: Path, trainer_state: dict) -> None:
         problems = []
@@ -367,12 +412,15 @@ class Trainer:
         """Evaluate on the whole validation split, save the checkpoints, write metrics and predictions."""
         final = self.evaluate(len(self.parts.val_set))
         self._log_eval(final, self.step)
+        weights = self.state.gather_weights()
         if self.is_main:
-            save_checkpoint(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg)
+            save_checkpoint(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg, weights)
         if self.train_cfg.save_every:
             self.save()
-        if self.accelerator.num_processes > 1:  # each process saw its own share of the bad samples
+        processes = [{"rank": self.rank, "first_step_samples": self.first_step_samples, "peak_memory_bytes": self.peak_memory}]
+        if self.world_size > 1:  # each process saw its own share of the bad samples
             self.data_skips.merge(gather_object([self.data_skips.state_dict()]))
+            processes = gather_object(processes)
         metrics = {
             "val_loss": final.loss,
             "val_accuracy": final.accuracy,
@@ -381,6 +429,8 @@ class Trainer:
             "val_accuracy_samples": len(final.predictions),
             "majority_baseline": majority_baseline([p["answer"] for p in final.predictions]),
             "steps": self.step,
+            "world_size": self.world_size,
+            "processes": processes,
             "final_train_loss": last_loss,
             "data_skipped": self.data_skips.counts(),
             "val_skipped": final.skipped,

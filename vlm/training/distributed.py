@@ -1,0 +1,125 @@
+"""Processes: how a run is launched, and what its processes must agree on to stay in step.
+
+torchrun or `accelerate launch` start the processes; accelerate tells each its rank. On top of that:
+- `build_accelerator`: without CUDA, processes use gloo on CPU (accelerate only does so when asked
+  for the CPU), and FSDP comes from accelerate's plugin;
+- `prepare`: wraps model and optimizer; DDP broadcasts no buffers in the forward, so a forward issues
+  no collective and a forward OOM on one process cannot leave the others waiting;
+- `check_launch`: a launch that asked for N processes but runs alone is an error, not a quiet single run;
+- `Agreement`: the small decisions every process must take alike, or their collectives stop matching
+  and the job hangs: how many micro-batches a step has, and whether any process ran out of memory.
+  They go over a gloo group, so the flags never wait for (or stall) the GPU stream.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def build_accelerator(device: str, mixed_precision: str) -> Accelerator:
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    check_launch(accelerator)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        enable_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Wrap (DDP) or shard (FSDP) the model, after compile and before training; returns (model, optimizer)."""
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(model, DistributedDataParallel):
+        # Buffers are synced once, at wrapping; re-broadcasting them at each forward would put a collective
+        # in the forward. Only BatchNorm statistics change later, and those are per process by nature.
+        model.broadcast_buffers = False
+    return model, optimizer
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse a launch that asked for several processes and got one, or processes that each run alone."""
+    asked = int(os.environ.get("WORLD_SIZE", "1"))
+    # accelerate's simple launcher (`--cpu`, or no `--multi_gpu` on a machine without GPUs) starts one
+    # process whatever --num_processes says; it sets MASTER_ADDR only when more were asked for.
+    simple_launch = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+    if simple_launch or asked != accelerator.num_processes:
+        got = accelerator.num_processes
+        raise LaunchError(
+            f"this launch asked for {'several' if simple_launch else asked} processes but runs as {got} "
+            f"({accelerator.distributed_type}). On a machine without GPUs `accelerate launch --cpu` starts one process: "
+            "use `torchrun --nproc_per_node N train.py ...` or `accelerate launch --multi_gpu --num_processes N "
+            "train.py ...`. See TROUBLESHOOTING.md#launch-runs-one-process."
+        )
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """accelerate 1.x builds FSDP for accelerator devices only; torch's FSDP2 also shards on CPU over gloo.
+
+    The FSDP plugin was built from the launcher's environment; switching the process state to FSDP
+    makes `prepare` shard the model exactly as it does on GPUs, so CPU runs test the same path.
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment, as accelerate does
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # Both shared states: a later AcceleratorState() copies PartialState's distributed type over its own.
+    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    log.info("FSDP%d on CPU (gloo) through accelerate's FSDP plugin", plugin.fsdp_version)
+
+
+def describe(accelerator: Accelerator) -> str:
+    backend = accelerator.state.backend or "none"
+    return (f"world_size {accelerator.num_processes}: process {accelerator.process_index} ({accelerator.distributed_type}, "
+            f"backend {backend}, device {accelerator.device})")  # fmt: skip
+
+
+def log_to_own_file(run_dir: Path, rank: int) -> None:
+    """Processes other than the first write their log to train_rank<N>.log instead of sharing the main one."""
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(handler.baseFilename).parent == Path(run_dir).resolve():
+            own = logging.FileHandler(Path(handler.baseFilename).with_name(f"train_rank{rank}.log"))
+            own.setFormatter(handler.formatter)
+            own.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(own)
+
+
+class Agreement:
+    """Decisions every process takes alike: all-gathered integers over a gloo group (no GPU sync)."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.group = None
+        if world_size > 1:  # a collective call: every process builds its Agreement at the same point
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def gather(self, value: int) -> list[int]:
+        """Every process's value, by rank."""
+        if self.world_size == 1:
+            return [value]
+        mine = torch.tensor([value], dtype=torch.int64)
+        everyone = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(everyone, mine, group=self.group)
+        return [int(v) for v in everyone]
+
+    def max(self, value: int) -> int:
+        return max(self.gather(value))
