@@ -159,22 +159,28 @@ def test_out_of_memory_on_one_process_backs_off_on_both(two_processes, tmp_path,
 
 
 def one_image_corpus(directory: Path) -> list[str]:
-    """24 records of which only the first has an image: every step's images are on one process."""
+    """24 records of which only the first has an image: every step's images are on one process. One more
+    names a missing image: a bad sample, so the process that draws it has fewer samples than its peer."""
     path = export(directory, records=24, image_size=32)
     records = json.loads(path.read_text())
     for record in records[1:]:
         del record["image"]
         record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>", "").strip()
+    records[2]["image"] = "images/does_not_exist.png"
     path.write_text(json.dumps(records))
     return [f"data.dataset.path={path}", "data.dataset.val_fraction=0.2"]
 
 
 def test_a_step_with_all_images_on_one_process_completes(tmp_path):
+    """Also: a process with a bad sample in its share runs a zero-weight filler micro-batch (micro-batches of 1),
+    and both processes count the bad sample as one process does."""
     data = one_image_corpus(tmp_path / "data")
-    args = [*RUN, "train.global_batch_size=16", "train.micro_batch_size=2", "train.best_metric=val_loss"]
+    args = [*RUN, "train.global_batch_size=16", "train.micro_batch_size=1", "train.best_metric=val_loss"]
     one = train_here(tmp_path / "one", args, data=data, experiment="llava_tiny")
     two = launch(tmp_path / "two", ["+experiment=llava_tiny", *data, *TINY_MODEL, *args], via="torchrun")
     assert two.metrics["world_size"] == 2
+    skipped = [(m["data_skipped"], m["val_skipped"]) for m in (one.metrics, two.metrics)]
+    assert skipped[0] == skipped[1] and sum(skipped[0][0].values()) + sum(skipped[0][1].values()) == 1
     assert_close(one.losses, two.losses)
     assert_same_weights(one.weights(), two.weights())
 

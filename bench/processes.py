@@ -1,0 +1,50 @@
+"""1 process vs 2 (DDP) vs 2 (FSDP2) on the same global batch: tokens/s and each process's peak memory.
+
+    python bench/processes.py [--large-scale] [train.py overrides ...]
+
+Each run trains `train.max_steps` steps (default 6) of the debug experiment, or the train_debug.py
+--large-scale model; tokens/s is the median over the steps after the first, peak memory is each
+process's own (peak RSS on CPU, peak allocated on GPU). Runs go under /tmp/bench_processes.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train_debug import LARGE_SCALE  # noqa: E402  the --large-scale model of train_debug.py
+
+LAUNCHERS = {
+    "1 process": [sys.executable],
+    "2 processes, DDP": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "2 processes, FSDP2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "configs/accelerate/fsdp.yaml", "--num_processes", "2", "--main_process_port", "29517"],
+}  # fmt: skip
+
+
+def run(name: str, launcher: list[str], overrides: list[str]) -> dict:
+    run_dir = Path("/tmp/bench_processes") / name.replace(" ", "_").replace(",", "")
+    subprocess.run([*launcher, "train.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    speeds = [s["tokens_per_s"] for s in steps if "tokens_per_s" in s][1:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    peaks = [round(p["peak_memory_bytes"] / 2**30, 2) for p in metrics["processes"]]
+    return {"run": name, "world_size": metrics["world_size"], "tokens_per_s": round(statistics.median(speeds)),
+            "peak_memory_gib_per_process": peaks, "final_train_loss": metrics["final_train_loss"]}  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    large = "--large-scale" in argv
+    overrides = ["+experiment=debug", "train.max_steps=6", "train.log_every=1", "train.eval_every=0",
+                 "data.dataset.val_size=8", "train.global_batch_size=8", *(LARGE_SCALE if large else []),
+                 *[a for a in argv if a != "--large-scale"]]  # fmt: skip
+    for name, launcher in LAUNCHERS.items():
+        print(json.dumps(run(name, launcher, overrides)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
