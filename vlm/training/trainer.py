@@ -107,7 +107,7 @@ class Trainer:
         optimizer = build_optimizer(model, tc, settings)
         self.scheduler = build_scheduler(optimizer, tc)
         self.model, self.optimizer = prepare(self.accelerator, model, optimizer)
-        self.state = ModelState(self.accelerator, self.model, self.optimizer)
+        self.model_state = ModelState(self.accelerator, self.model, self.optimizer)
         self.share = self._per_process_share()
         self.agreement = Agreement(self.world_size)
         self.accumulator = MicroBatchAccumulator(
@@ -312,19 +312,19 @@ class Trainer:
         tc = self.train_cfg
         count = min(num_samples, len(self.parts.val_set))
         indices = range(self.rank, count, self.world_size)
-        in_step = (math.ceil(math.ceil(count / self.world_size) / tc.eval_batch_size), self.filler) if self.state.sharded else None
+        in_step = (math.ceil(math.ceil(count / self.world_size) / tc.eval_batch_size), self.filler) if self.model_state.sharded else None
         result = evaluate(
             self.unwrapped, self.parts.processor, self.parts.tokenizer, self.parts.val_set,
             indices, tc.eval_batch_size, tc.max_new_tokens, self.accelerator.device, in_step,
         )  # fmt: skip
-        return merge_results(gather_object([result])) if self.world_size > 1 else result
+        return merge_results(gather_object([result]))  # gather_object: [result] itself with one process
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> Path | None:
         self.accelerator.wait_for_everyone()
-        rng = gather_object([rng_states()]) if self.world_size > 1 else [rng_states()]  # every process's, by rank
-        weights, optimizer = self.state.gather_weights(), self.state.optimizer_state()  # FSDP: gathered to process 0
+        rng = gather_object([rng_states()])  # every process's, by rank
+        weights, optimizer = self.model_state.gather_weights(), self.model_state.optimizer_state()  # FSDP: gathered to process 0
         write = lambda directory: self._write_checkpoint(directory, rng, weights, optimizer)  # noqa: E731
         path = self.checkpoints.save(self.step, write) if self.is_main else None
         self.accelerator.wait_for_everyone()
@@ -353,7 +353,7 @@ class Trainer:
     def _load_weights(self, directory: Path) -> None:
         """Model weights only (train.init_from): the next stage starting from the previous stage's result."""
         try:
-            self.state.load_weights(directory / "model.safetensors")
+            self.model_state.load_weights(directory / "model.safetensors")
         except (RuntimeError, FileNotFoundError) as err:
             raise ResumeMismatchError(
                 f"cannot load weights from {directory}: {err}. The model config must match the checkpoint's "
@@ -365,7 +365,7 @@ class Trainer:
         self._check_compatible(directory, trainer_state)
         self._load_weights(directory)
         state = torch.load(directory / TRAINING_STATE, weights_only=True)
-        self.state.load_optimizer_state(state["optimizer"])
+        self.model_state.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -412,15 +412,14 @@ class Trainer:
         """Evaluate on the whole validation split, save the checkpoints, write metrics and predictions."""
         final = self.evaluate(len(self.parts.val_set))
         self._log_eval(final, self.step)
-        weights = self.state.gather_weights()
+        weights = self.model_state.gather_weights()
         if self.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg, weights)
         if self.train_cfg.save_every:
             self.save()
-        processes = [{"rank": self.rank, "first_step_samples": self.first_step_samples, "peak_memory_bytes": self.peak_memory}]
+        processes = gather_object([{"rank": self.rank, "first_step_samples": self.first_step_samples, "peak_memory_bytes": self.peak_memory}])
         if self.world_size > 1:  # each process saw its own share of the bad samples
             self.data_skips.merge(gather_object([self.data_skips.state_dict()]))
-            processes = gather_object(processes)
         metrics = {
             "val_loss": final.loss,
             "val_accuracy": final.accuracy,
