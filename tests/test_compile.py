@@ -18,7 +18,7 @@ from vlm.build import build_components
 from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.collate import Collator
 from vlm.debug.synthetic import synthetic_batch
-from vlm.training.checkpoint import load_checkpoint, save_checkpoint
+from vlm.pretrained import load_pretrained, save_pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -77,9 +77,9 @@ def test_checkpoints_of_compiled_models_have_plain_names_and_reload(compiled, tm
     mode, parts, _, vision = compiled
     model = parts.model
     assert not [k for k in model.state_dict() if "_orig_mod" in k]
-    save_checkpoint(tmp_path, model, parts.tokenizer, compose_config(*vision, f"train.compile={mode}"))
+    save_pretrained(tmp_path, model, parts.tokenizer, compose_config(*vision, f"train.compile={mode}"))
     assert not [k for k in load_file(tmp_path / "model.safetensors") if "_orig_mod" in k]
-    loaded = load_checkpoint(tmp_path)
+    loaded = load_pretrained(tmp_path)
     apply_compile(loaded.model, mode)  # loading into a compiled model works the same
     raws = [parts.val_set[i] for i in range(3)]
     batch = Collator(parts.tokenizer.pad_token_id)([parts.processor(r, i) for i, r in enumerate(raws)])

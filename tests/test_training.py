@@ -18,7 +18,7 @@ from tests.conftest import TINY, compose_config, new_trainer
 from vlm.build import build_components
 from vlm.data.collate import Collator
 from vlm.training.batching import StepSampler
-from vlm.training.checkpoint import load_checkpoint
+from vlm.pretrained import load_pretrained
 from vlm.training.evaluation import normalise_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_run_directory_holds_config_log_metrics_and_checkpoint(short_run):
 
 def test_checkpoint_reload_gives_identical_logits(short_run):
     trainer, run_dir, _, _ = short_run
-    loaded = load_checkpoint(run_dir / "checkpoints" / "final")
+    loaded = load_pretrained(run_dir / "checkpoints" / "final")
     raw = [trainer.parts.val_set[i] for i in range(3)]
     batch = Collator(trainer.parts.tokenizer.pad_token_id)([trainer.parts.processor(r, i) for i, r in enumerate(raw)])
     reloaded = Collator(loaded.tokenizer.pad_token_id)([loaded.processor(r, i) for i, r in enumerate(raw)])

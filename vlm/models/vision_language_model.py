@@ -7,6 +7,7 @@ id the forward needs is cached at init: the model never touches the tokenizer.
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -59,6 +60,20 @@ class VisionLanguageModel(nn.Module):
             cfg.projector, self.vision.embed_dim, self.lm.config.hidden_size, self.vision.num_patches, text_scale
         )
         self.tokens_per_image = self.projector.tokens_per_image
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> "VisionLanguageModel":
+        """A model saved by `save_pretrained` or by training (any checkpoint directory); offline.
+        `vlm.load_pretrained` also gives its tokenizer and processor."""
+        from vlm.pretrained import load_pretrained  # it builds this class from the saved config
+
+        return load_pretrained(directory, device).model
+
+    def save_pretrained(self, directory, tokenizer, config) -> None:
+        """`config`: the run config the model was built from (a checkpoint's config.yaml)."""
+        from vlm.pretrained import save_pretrained
+
+        save_pretrained(Path(directory), self, tokenizer, config)
 
     @property
     def _no_split_modules(self) -> list[str]:

@@ -23,9 +23,9 @@ from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.collate import Collator, filler_sample
 from vlm.data.datasets import EncodedDataset
+from vlm.pretrained import save_pretrained
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
 from vlm.training.batching import StepSampler, step_loader
-from vlm.training.checkpoint import save_checkpoint
 from vlm.training.checkpoint_manager import (
     TRAINER_STATE,
     TRAINING_STATE,
@@ -331,7 +331,7 @@ class Trainer:
         return path
 
     def _write_checkpoint(self, directory: Path, rng: list[dict], weights: dict | None, optimizer: dict) -> None:
-        save_checkpoint(directory, self.unwrapped, self.parts.tokenizer, self.cfg, weights)
+        save_pretrained(directory, self.unwrapped, self.parts.tokenizer, self.cfg, weights)
         scaler = self.accelerator.scaler
         state = {
             "optimizer": optimizer,
@@ -414,7 +414,7 @@ class Trainer:
         self._log_eval(final, self.step)
         weights = self.model_state.gather_weights()
         if self.is_main:
-            save_checkpoint(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg, weights)
+            save_pretrained(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg, weights)
         if self.train_cfg.save_every:
             self.save()
         processes = gather_object([{"rank": self.rank, "first_step_samples": self.first_step_samples, "peak_memory_bytes": self.peak_memory}])

@@ -1,10 +1,11 @@
-"""Checkpoints a person can load anywhere: safetensors weights, tokenizer, resolved config.
+"""Trained models a person can load anywhere: safetensors weights, tokenizer, resolved config.
 
-Layout of a checkpoint directory:
+Layout of a model directory (every checkpoint of a run is one, and `save_pretrained` writes one):
   model.safetensors   weights (tied tensors stored once)
-  config.yaml         the resolved run config
+  config.yaml         the resolved run config: model architecture, chat format, image settings
   tokenizer/          the tokenizer, including a locally trained one
   lm/config.json      the LM's transformers config, so reloading never touches the hub
+`export_language_model` writes the LM alone in transformers format, for tools that know nothing of vlm.
 """
 
 from dataclasses import dataclass
@@ -22,14 +23,19 @@ from vlm.models.vision_language_model import VisionLanguageModel
 
 
 @dataclass
-class LoadedCheckpoint:
+class Pretrained:
+    """A loaded model with what it needs to take conversations and images."""
+
     model: VisionLanguageModel
     tokenizer: PreTrainedTokenizerBase
     processor: SampleProcessor
     config: DictConfig
 
+    def save_pretrained(self, directory: Path) -> None:
+        save_pretrained(Path(directory), self.model, self.tokenizer, self.config)
 
-def save_checkpoint(directory: Path, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig,
+
+def save_pretrained(directory: Path, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig,
                     weights: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """`weights`: the full state dict when the model's own tensors are shards (FSDP; see model_state.py)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -42,7 +48,7 @@ def save_checkpoint(directory: Path, model: VisionLanguageModel, tokenizer: PreT
     OmegaConf.save(cfg, directory / "config.yaml", resolve=True)
 
 
-def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_pretrained(directory: Path, device: str | torch.device = "cpu") -> Pretrained:
     directory = Path(directory)
     cfg = OmegaConf.load(directory / "config.yaml")
     # Rebuild from what the checkpoint holds: no hub access, no re-training of the tokenizer.
@@ -55,7 +61,14 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Load
     tokenizer = build_tokenizer(data.tokenizer, [], data.chat.special_tokens)
     model, processor = build_model_and_processor(cfg, data, tokenizer)
     load_model(model, str(directory / "model.safetensors"), device=str(device))
-    return LoadedCheckpoint(model.to(device), tokenizer, processor, cfg)
+    return Pretrained(model.to(device), tokenizer, processor, cfg)
+
+
+def export_language_model(directory: Path, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The LM alone in transformers format (weights, config, tokenizer): `AutoModelForCausalLM.from_pretrained`
+    loads it anywhere. Its vocabulary includes the image token, which text-only use never produces."""
+    model.lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
