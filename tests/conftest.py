@@ -74,6 +74,20 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def saved_model(tmp_path_factory) -> tuple[Components, Path]:
+    """Tiny components whose weights are moved away from any fresh initialisation (so a load that silently
+    re-initialises fails a comparison), saved with save_pretrained."""
+    parts = build_components(compose_config())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in parts.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    directory = tmp_path_factory.mktemp("saved_model")
+    parts.model.save_pretrained(directory, parts.tokenizer, compose_config())
+    return parts, directory
+
+
+@pytest.fixture(scope="session")
 def tiny() -> Components:
     torch.manual_seed(0)
     return build_components(compose_config())

@@ -7,9 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import compose_config
 from vlm import VisionLanguageModel, load_pretrained
-from vlm.build import build_components
 from vlm.data.collate import Collator
 from vlm.export import main as export_main
 
@@ -18,18 +16,13 @@ TEXT_ONLY = {"images": [], "messages": [{"role": "user", "content": "Which shape
 
 
 @pytest.fixture(scope="module")
-def tiny():  # its own: the weights are changed below
-    return build_components(compose_config())
+def tiny(saved_model):
+    return saved_model[0]
 
 
 @pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    saved, out = tmp_path_factory.mktemp("saved"), tmp_path_factory.mktemp("exported")
-    torch.manual_seed(1)
-    with torch.no_grad():  # weights unlike any fresh initialisation, so a load that silently re-inits fails
-        for p in tiny.model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    tiny.model.save_pretrained(saved, tiny.tokenizer, compose_config())
+def exported(saved_model, tmp_path_factory):
+    saved, out = saved_model[1], tmp_path_factory.mktemp("exported")
     assert export_main([f"checkpoint={saved}", f"output_dir={out}"]) == 0
     return saved, out
 

@@ -8,18 +8,17 @@ holds the language model alone in transformers format, with the tokenizer, for
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from vlm.cli import UsageError, parse_args
 from vlm.pretrained import export_language_model, load_pretrained
 
 USAGE = "usage: python -m vlm.export checkpoint=PATH output_dir=DIR"
 
 
 def main(argv: list[str]) -> int:
-    args = OmegaConf.from_cli(argv)
-    unknown = set(args) - {"checkpoint", "output_dir"}
-    if unknown or "checkpoint" not in args or "output_dir" not in args:
-        print(f"{USAGE}\n(unknown keys: {sorted(unknown)})" if unknown else USAGE, file=sys.stderr)
+    try:
+        args = parse_args(argv, {"checkpoint", "output_dir"}, {"checkpoint", "output_dir"})
+    except UsageError as err:
+        print(f"{err}\n{USAGE}", file=sys.stderr)
         return 2
     checkpoint, output = Path(args.checkpoint), Path(args.output_dir)
     if not (checkpoint / "model.safetensors").is_file():

@@ -158,17 +158,18 @@ class VisionLanguageModel(nn.Module):
         return CoreOutput(logits, loss_sum, (targets != IGNORE_INDEX).sum())
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int, synced: bool = False) -> torch.Tensor:
-        """Greedy decoding from left-padded prompts; returns only the new tokens [B, <=max_new_tokens].
+    def generate(self, batch: dict, synced: bool = False, **generate_kwargs) -> torch.Tensor:
+        """Decoding from left-padded prompts; returns only the new tokens [B, <=max_new_tokens].
 
-        `synced`: keep running forwards until every process has finished (FSDP: each forward is a collective)."""
+        `generate_kwargs` go to transformers' `generate` (greedy unless `do_sample=True`; see
+        vlm/generation.py). `synced`: keep running forwards until every process has finished (FSDP: each
+        forward is a collective). Each sample stops at its end-of-turn token."""
         embeds = self.embed(batch["input_ids"], self._images_tensor(batch))
         return self.lm.generate(
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
             eos_token_id=self.token_ids.stop,
             pad_token_id=self.token_ids.pad,
             synced_gpus=synced,
+            **{"do_sample": False, **generate_kwargs},
         )

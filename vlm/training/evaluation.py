@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from vlm.data.bad_samples import BadSample
 from vlm.data.collate import Collator
 from vlm.data.processing import EncodedSample, SampleProcessor, last_answer
+from vlm.generation import GenerationSettings, generate_answers
 from vlm.training.device import move_to
 
 
@@ -81,7 +82,7 @@ def evaluate(
     weights in its forward): every process runs `batches` batches, padding a batch with none of its own
     samples (or prompts) with the zero-weight `filler`, and generation runs until every process is done."""
     train_collate = Collator(tokenizer.pad_token_id, padding_side="right")
-    prompt_collate = Collator(tokenizer.pad_token_id, padding_side="left")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)  # greedy: exact match wants the likeliest answer
     was_training = model.training
     model.eval()
     loss_sum, tokens, predictions, skipped = 0.0, 0, [], Counter()
@@ -104,9 +105,8 @@ def evaluate(
             loss_sum += float(model(move_to(train_collate(full or [filler]), device)).loss_sum)  # the filler adds 0
             tokens += sum(s.num_predicted for s in full)
         if prompts or filler:
-            batch = move_to(prompt_collate(prompts or [filler]), device)
-            new_tokens = model.generate(batch, max_new_tokens, synced=filler is not None)
-            for reference, text in zip(references, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            answers = generate_answers(model, tokenizer, prompts or [filler], settings, device, synced=filler is not None)
+            for reference, text in zip(references, answers):
                 correct = normalise_answer(text) == normalise_answer(reference["answer"])
                 predictions.append({**reference, "prediction": text, "correct": correct})
     model.train(was_training)

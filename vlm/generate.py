@@ -1,0 +1,59 @@
+"""Ask a trained model: `python -m vlm.generate checkpoint=PATH image=FILE prompt="What colour is the square?"`.
+
+Arguments are `key=value`, as for train.py:
+  checkpoint=DIR                 a checkpoint or exported directory (model.safetensors, config.yaml, tokenizer/)
+  image=FILE | images=[A,B]      images, placed before the first question in order (none: a text-only prompt)
+  prompt="..." | turns=[Q1,A1,Q2]  one question, or a conversation alternating user/assistant that ends with the user
+  max_new_tokens=64 temperature=0 (greedy) top_k= top_p= repetition_penalty=1.0 device=auto
+The answer is printed as it is generated.
+"""
+
+import sys
+from dataclasses import fields
+
+import torch
+from transformers import TextStreamer
+
+from vlm.cli import UsageError, parse_args
+from vlm.data.bad_samples import BadSample
+from vlm.generation import GenerationSettings, generate_answers
+from vlm.pretrained import load_pretrained
+
+SETTINGS = {f.name for f in fields(GenerationSettings)}
+KEYS = {"checkpoint", "image", "images", "prompt", "turns", "device"} | SETTINGS
+
+
+def conversation(args) -> dict:
+    """The raw sample of the dataset contract (datasets.py) for these arguments."""
+    images = [args.image] if "image" in args else list(args.get("images", []))
+    turns = [args.prompt] if "prompt" in args else list(args.get("turns", []))
+    if not turns or len(turns) % 2 == 0:
+        raise UsageError("give prompt=\"...\" or turns=[question, answer, ..., question] (an odd number, ending with a question)")
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(text)} for i, text in enumerate(turns)]
+    messages[0]["content"] = [*({"type": "image"} for _ in images), {"type": "text", "text": messages[0]["content"]}]
+    return {"images": [str(path) for path in images], "messages": messages}
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv, KEYS, {"checkpoint"})
+        sample = conversation(args)
+    except UsageError as err:
+        print(f"{err}\n\n{__doc__}", file=sys.stderr)
+        return 2
+    device = torch.device(args.get("device", "auto") if args.get("device", "auto") != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    loaded = load_pretrained(args.checkpoint, device)
+    settings = GenerationSettings(**{k: args[k] for k in SETTINGS if k in args})
+    try:
+        prompt = loaded.processor.encode_prompt(sample, 0)
+    except BadSample as err:  # an unreadable image, say: named, with its TROUBLESHOOTING entry
+        print(err, file=sys.stderr)
+        return 1
+    streamer = TextStreamer(loaded.tokenizer, skip_special_tokens=True)
+    generate_answers(loaded.model.eval(), loaded.tokenizer, [prompt], settings, device, streamer=streamer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,50 @@
+"""Answers from conversations with images: the one generation routine of evaluation and `python -m vlm.generate`.
+
+Prompts are encoded exactly as in training up to the assistant header (`SampleProcessor.encode_prompt`),
+left-padded into a batch, and decoded by transformers' `generate` on the LM's input embeddings: KV cache,
+greedy or sampled, stopping each sample at its end-of-turn token.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
+
+from vlm.data.collate import Collator
+from vlm.data.processing import EncodedSample
+from vlm.training.device import move_to
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    use_cache: bool = True
+
+    def generate_kwargs(self) -> dict:
+        """transformers `generate` arguments; sampling settings only when sampling."""
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0,
+                  "repetition_penalty": self.repetition_penalty, "use_cache": self.use_cache}  # fmt: skip
+        if self.temperature > 0:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return kwargs
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[EncodedSample],
+    settings: GenerationSettings,
+    device: torch.device,
+    synced: bool = False,
+    streamer: BaseStreamer | None = None,
+) -> list[str]:
+    """One answer per prompt. `synced`: every process runs forwards until all are done (FSDP)."""
+    batch = move_to(Collator(tokenizer.pad_token_id, padding_side="left")(prompts), device)
+    new_tokens = model.generate(batch, synced=synced, streamer=streamer, **settings.generate_kwargs())
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
