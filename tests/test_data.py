@@ -41,7 +41,7 @@ BAD_IDS = {
 
 def corpus_overrides(corpus: Path, *extra: str, fmt: str = "llava") -> list[str]:
     path = corpus / ("hf" if fmt == "hf" else "data.json")
-    return [f"data=" + fmt, f"data.dataset.path={path}", f"data.dataset.image_root={corpus / 'images'}", *extra]
+    return [f"data={fmt}", f"data.dataset.path={path}", f"data.dataset.image_root={corpus / 'images'}", *extra]
 
 
 def corpus_trainer(run_dir: Path, corpus: Path, *overrides: str, fmt: str = "llava", trainer_class=Trainer):
