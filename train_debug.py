@@ -20,10 +20,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from vlm.build import build_components
+from vlm.config import CONFIG_DIR
 from vlm.debug.diagnostics import DebugOptions, Suite
 from vlm.training.device import configure_cpu_allocator
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --large-scale: LM 768 x 12 blocks, ViT 512 x 8 blocks at 224 px (49 image tokens after pixel shuffle).
 LARGE_SCALE = [
@@ -62,7 +62,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def load_config(overrides: list[str], large_scale: bool):
     if not any(o.startswith("+experiment=") for o in overrides):
         overrides = ["+experiment=debug", *overrides]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[*overrides, *(LARGE_SCALE if large_scale else [])])
 
 

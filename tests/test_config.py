@@ -13,12 +13,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from tests.conftest import CONFIG_DIR, compose_config, new_trainer
+from tests.test_recipes import RECIPES
 from vlm.build import build_components, validate_config
 from vlm.config import ConfigError, typed_section
 from vlm.data.bad_samples import REASONS
 from vlm.training.train_config import TrainConfig
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+FROM_SCRATCH = [e for e in EXPERIMENTS if e not in RECIPES]  # recipes load hub weights: tests/test_recipes.py
 
 
 def data_of(experiment: str) -> str:
@@ -26,9 +28,10 @@ def data_of(experiment: str) -> str:
     return "llava" if "override /data: llava" in text else "shapes"
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", FROM_SCRATCH)
 def test_every_experiment_composes_and_builds(experiment, shapes_llava):
     cfg = compose_config(experiment=experiment, data=shapes_llava if data_of(experiment) == "llava" else None)
+    assert not cfg.model.lm.pretrained and not cfg.model.vision.pretrained, "a recipe: add it to tests/test_recipes.py"
     parts = build_components(cfg)
     sample = parts.processor(parts.train_set[0], 0)
     assert (sample.input_ids == parts.model.token_ids.image).sum() == parts.model.tokens_per_image
@@ -37,10 +40,14 @@ def test_every_experiment_composes_and_builds(experiment, shapes_llava):
 
 @pytest.mark.parametrize("group", ["model/vision", "model/projector", "model/lm"])
 def test_every_model_option_builds(group):
+    """Each option at tiny sizes: two ViT blocks of 8 px patches, 4 attention heads; random weights (offline)."""
+    vit = ["++model.vision.model_kwargs.depth=2", "++model.vision.model_kwargs.patch_size=8", "model.vision.feature_layer=-1"]
+    lm = ["model.lm.config.num_attention_heads=4", "model.lm.config.num_key_value_heads=2"]
+    offline = ["model.vision.pretrained=false", "model.lm.pretrained=null"]
     options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
     for option in options:
-        shrink = ["+model.vision.model_kwargs.depth=2", "+model.vision.model_kwargs.patch_size=8", "model.vision.feature_layer=-1"] if option == "vit_tiny" else []
-        parts = build_components(compose_config(f"{group}={option}", "model.vision.image_size=32", *shrink))
+        shrink = vit if compose_config(f"{group}={option}").model.vision.name.startswith("vit") else []
+        parts = build_components(compose_config(f"{group}={option}", "model.vision.image_size=32", *offline, *lm, *shrink))
         assert parts.model.tokens_per_image > 0, option
 
 

@@ -3,10 +3,15 @@
 Run: pytest tests/test_model.py
 """
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from vlm.config import ConfigError
+from vlm.data.tokenizer import TokenizerConfig, build_tokenizer
+from vlm.models.language_model import LMConfig, build_language_model
 from vlm.models.projector import ProjectorConfig, build_projector
 from vlm.models.vision_encoder import VisionConfig, VisionEncoder
 from vlm.models.vision_language_model import merge_image_features
@@ -69,6 +74,42 @@ def test_vision_weights_from_local_file(tmp_path):
     loaded = VisionEncoder(VisionConfig(**{**cfg.__dict__, "weights_path": str(tmp_path / "weights.safetensors")}))
     for name, tensor in loaded.backbone.state_dict().items():
         assert torch.equal(tensor, full[name]), name
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """As with HF_HUB_OFFLINE=1 (read once at import, so set where the hub library keeps it): no network tried."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize(
+    "build, names",
+    [
+        (lambda: build_language_model(LMConfig(pretrained="Org/not-downloaded-lm"), 10), "model.lm.pretrained='Org/not-downloaded-lm'"),
+        (lambda: build_tokenizer(TokenizerConfig(pretrained="Org/not-downloaded-lm"), [], []), "data.tokenizer.pretrained="),
+        (lambda: VisionEncoder(VisionConfig(name="resnet10t", pretrained=True)), "model.vision.pretrained"),
+        (lambda: build_language_model(LMConfig(pretrained="./no/such/dir"), 10), "no such file or directory"),
+    ],
+)  # fmt: skip
+def test_an_unreachable_pretrained_part_is_a_config_error_naming_key_and_entry(offline, build, names):
+    with pytest.raises(ConfigError, match="a-hub-name-with-no-network") as err:
+        build()
+    assert names in str(err.value)
+
+
+def test_remote_code_needs_trust_remote_code(tmp_path):
+    """A model whose repository ships its own code does not run it unless the config says so."""
+    config = {"model_type": "custom_vlm_test", "auto_map": {"AutoConfig": "configuration.Custom", "AutoModelForCausalLM": "modeling.Custom"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="model.lm.trust_remote_code=true.*TROUBLESHOOTING.md#trust_remote_code"):
+        build_language_model(LMConfig(pretrained=str(tmp_path)), 10)
+
+
+def test_a_vit_built_for_another_image_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="model_kwargs.img_size.*image-size-differs-from-the-backbones-pretrained-size"):
+        VisionEncoder(VisionConfig(name="vit_tiny_patch16_224", image_size=64, model_kwargs={"depth": 1}))
 
 
 def test_position_embedding_is_row_plus_column():

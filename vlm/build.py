@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlm.compile_policy import MODES
 from vlm.config import ConfigError, typed_section
-from vlm.data.chat_format import ChatFormat
+from vlm.data.chat_format import ChatFormat, check_chat_template
 from vlm.data.datasets import DataConfig, build_dataset, check_data_config, dataset_corpus, dataset_schema
 from vlm.data.images import ImageTransform
 from vlm.data.processing import SampleProcessor
@@ -55,7 +55,7 @@ def token_ids_for(tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, i
 
 def build_processor(model: VisionLanguageModel, chat_format: ChatFormat, data: DataConfig) -> SampleProcessor:
     stats = timm.data.resolve_model_data_config(model.vision.backbone)
-    transform = ImageTransform(model.cfg.vision.image_size, stats["mean"], stats["std"])
+    transform = ImageTransform(model.cfg.vision.image_size, stats["mean"], stats["std"], stats["interpolation"])
     return SampleProcessor(
         chat_format, transform, data.max_length, model.token_ids.image, model.tokens_per_image,
         data.image_splitting, data.max_image_pixels,
@@ -67,6 +67,7 @@ def build_model_and_processor(
 ) -> tuple[VisionLanguageModel, SampleProcessor]:
     model_cfg = typed_section(cfg.model, ModelConfig, "model")
     chat_format = ChatFormat(data.chat, tokenizer)
+    check_chat_template(chat_format)
     model = VisionLanguageModel(model_cfg, token_ids_for(tokenizer, chat_format, data.tokenizer.image_token))
     return model, build_processor(model, chat_format, data)
 

@@ -1,5 +1,6 @@
 """`key=value` arguments of the `python -m vlm.*` commands, read as train.py's overrides are (values are YAML)."""
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -18,3 +19,8 @@ def parse_args(argv: list[str], known: set[str], required: set[str]) -> DictConf
     if missing := required - set(args):
         raise UsageError(f"missing {sorted(missing)}")
     return args
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA when there is a GPU, else the CPU."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -4,12 +4,14 @@ Hydra already rejects unknown keys given on the command line; this catches typos
 files too (`train.lerning_rate: 1e-3` would otherwise be silently ignored).
 """
 
+from pathlib import Path
 from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the Hydra configs of train.py (repository top)
 
 
 class ConfigError(ValueError):

@@ -11,10 +11,9 @@ The answer is printed as it is generated.
 import sys
 from dataclasses import fields
 
-import torch
 from transformers import TextStreamer
 
-from vlm.cli import UsageError, parse_args
+from vlm.cli import UsageError, parse_args, resolve_device
 from vlm.data.bad_samples import BadSample
 from vlm.generation import GenerationSettings, generate_answers
 from vlm.pretrained import load_pretrained
@@ -41,8 +40,7 @@ def main(argv: list[str]) -> int:
     except UsageError as err:
         print(f"{err}\n\n{__doc__}", file=sys.stderr)
         return 2
-    device = torch.device(args.get("device", "auto") if args.get("device", "auto") != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    device = resolve_device(args.get("device", "auto"))
     loaded = load_pretrained(args.checkpoint, device)
     settings = GenerationSettings(**{k: args[k] for k in SETTINGS if k in args})
     try:

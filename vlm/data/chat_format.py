@@ -15,12 +15,15 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from vlm.config import ConfigError
+
 IGNORE_INDEX = -100  # label value cross-entropy skips
 
 
 @dataclass
 class ChatFormatConfig:
     bos: str = "auto"  # "auto": the tokenizer's bos_token if it has one; "" for none; or a literal string
+    default_system: str | None = None  # put first as a system message when a conversation has none
     role_headers: dict[str, str] = field(
         default_factory=lambda: {
             "system": "<|im_start|>system\n",
@@ -31,6 +34,7 @@ class ChatFormatConfig:
     end_of_turn: str = "<|im_end|>"  # supervised after each answer: the model learns to stop
     turn_separator: str = "\n"  # template text after end_of_turn, not supervised
     special_tokens: list[str] = field(default_factory=lambda: ["<|im_start|>", "<|im_end|>"])
+    check_template: bool = True  # a tokenizer's own chat template must give the same ids (`check_chat_template`)
 
     def template_words(self) -> list[str]:
         """The template's plain text (role names, separators) without special tokens.
@@ -94,6 +98,8 @@ class ChatFormat:
         placeholders, and with image splitting the tile-position text between the tiles' runs).
         """
         runs = iter(image_runs)
+        if self.cfg.default_system is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.cfg.default_system}, *messages]
         ids, labels = self._template(self.bos), []
         labels += [IGNORE_INDEX] * len(ids)
         for message in messages:
@@ -111,3 +117,37 @@ class ChatFormat:
             ids += header
             labels += [IGNORE_INDEX] * len(header)
         return ids, labels
+
+
+# Conversations a tokenizer's own template and ours both render: with and without a system message, several
+# turns, a generation prompt; plain text, as special-token text is split into characters by us (on purpose).
+TEMPLATE_PROBES = [
+    ([{"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "Red."},
+      {"role": "user", "content": "And the shape?"}], True),
+    ([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi there"},
+      {"role": "assistant", "content": "Hello! How can I help?"}], False),
+]  # fmt: skip
+
+
+def check_chat_template(chat_format: ChatFormat) -> None:
+    """A pretrained (instruct) LM must see the format it was trained on: when the tokenizer carries a chat
+    template, our rendering of the probe conversations must give its `apply_chat_template` ids exactly.
+    A probe the template refuses (some reject system messages) is not compared."""
+    tokenizer = chat_format.tokenizer
+    if not chat_format.cfg.check_template or not getattr(tokenizer, "chat_template", None):
+        return
+    for messages, generation_prompt in TEMPLATE_PROBES:
+        try:
+            theirs = list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                        tokenize=True, return_dict=False))  # fmt: skip
+        except Exception:  # jinja raises whatever the template author chose (TemplateError, ValueError, ...)
+            continue
+        ours, _ = chat_format.encode(messages, [], add_generation_prompt=generation_prompt)
+        if ours != theirs:
+            raise ConfigError(
+                "data.chat renders conversations differently from the tokenizer's own chat template, so a pretrained "
+                f"instruct LM would be trained and queried in a format it never saw.\n  tokenizer: "
+                f"{tokenizer.decode(theirs)!r}\n  data.chat: {tokenizer.decode(ours)!r}\nPick the matching preset "
+                "(data/chat=smollm2, data/chat=qwen2), adjust data.chat.*, or set data.chat.check_template=false to "
+                "train in another format on purpose. See TROUBLESHOOTING.md#mismatched-chat-template."
+            )

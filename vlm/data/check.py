@@ -14,7 +14,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
@@ -24,11 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlm.build import build_components
+from vlm.config import CONFIG_DIR
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.datasets import EncodedDataset
 from vlm.data.processing import SampleProcessor
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass

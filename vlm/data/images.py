@@ -124,17 +124,18 @@ def split_image(image: Image.Image | np.ndarray, tile: int, max_tiles: int) -> t
 
 
 class ImageTransform:
-    """Resize to the encoder's size and normalise with its mean/std (both from timm's data config)."""
+    """Resize to the encoder's size with its interpolation and normalise with its mean/std (timm's data config)."""
 
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bicubic"):
         self.image_size = image_size
+        self.resample = Image.Resampling[interpolation.upper()]
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         if not (isinstance(image, np.ndarray) and image.shape[:2] == (self.image_size, self.image_size)):
             image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+            image = image.resize((self.image_size, self.image_size), self.resample)
         array = np.array(image)  # a writable copy: torch refuses read-only arrays
         pixels = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
         return (pixels - self.mean) / self.std

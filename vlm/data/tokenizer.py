@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from vlm.hub import loading
+
 
 @dataclass
 class TokenizerConfig:
@@ -20,12 +22,14 @@ class TokenizerConfig:
     image_token: str = "<image>"
     pad_token: str = "<|pad|>"  # used only when the tokenizer has no pad token
     bos_token: str = "<|bos|>"  # local BPE only; a pretrained tokenizer keeps its own
+    trust_remote_code: bool = False  # run tokenizer code from its repository: only after reading it
 
 
 def build_tokenizer(cfg: TokenizerConfig, corpus: Iterable[str], format_tokens: list[str]) -> PreTrainedTokenizerBase:
     """Load or train the tokenizer, then add the image, pad and chat-format special tokens."""
     if cfg.pretrained:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+        with loading("data.tokenizer.pretrained", cfg.pretrained):
+            tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
     else:
         tokenizer = _train_byte_level_bpe(cfg, corpus, format_tokens)
     missing = [t for t in [cfg.image_token, *format_tokens] if t not in tokenizer.all_special_tokens]

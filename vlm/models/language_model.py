@@ -10,22 +10,27 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from vlm.hub import loading
+
 
 @dataclass
 class LMConfig:
     pretrained: str | None = None  # hub name or local directory
     config: dict[str, Any] = field(default_factory=dict)  # model_type plus AutoConfig kwargs
-    attn_implementation: str = "sdpa"
-    dtype: str = "float32"
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | ...
+    dtype: str = "float32"  # of the weights as loaded; training precision is train.mixed_precision
+    trust_remote_code: bool = False  # run code from the model's repository: only after reading it
     vocab_size: int | None = None  # embedding rows if more than the tokenizer has (fixed benchmark shapes, padding)
 
 
 def build_language_model(cfg: LMConfig, vocab_size: int) -> PreTrainedModel:
     vocab_size = max(vocab_size, cfg.vocab_size or 0)
     if cfg.pretrained:
-        lm = AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, attn_implementation=cfg.attn_implementation, dtype=cfg.dtype
-        )
+        with loading("model.lm.pretrained", cfg.pretrained):
+            lm = AutoModelForCausalLM.from_pretrained(
+                cfg.pretrained, attn_implementation=cfg.attn_implementation, dtype=cfg.dtype,
+                trust_remote_code=cfg.trust_remote_code,
+            )  # fmt: skip
     else:
         kwargs = dict(cfg.config)
         if "model_type" not in kwargs:

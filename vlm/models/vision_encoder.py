@@ -5,12 +5,17 @@ after `feature_layer` are pruned at build time, so they cost no compute and hold
 that would never receive a gradient.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import timm
 import torch
 from torch import nn
+
+from vlm.hub import loading
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,12 +34,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        kwargs = dict(cfg.model_kwargs)
-        if cfg.weights_path:
-            kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights_path)
-        self.backbone = timm.create_model(
-            cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_path), num_classes=0, **kwargs
-        )
+        self.backbone = _create_backbone(cfg)
         # Indices come back relative to the pruned model, e.g. -2 becomes the new last block.
         try:
             self._layer = self.backbone.prune_intermediate_layers(
@@ -56,9 +56,16 @@ class VisionEncoder(nn.Module):
         was_training = self.training
         self.eval()
         dummy = torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size)
-        feats = self.backbone.forward_intermediates(
-            dummy, indices=self._layer, intermediates_only=True, norm=self.cfg.final_norm
-        )[0]
+        try:
+            feats = self.backbone.forward_intermediates(
+                dummy, indices=self._layer, intermediates_only=True, norm=self.cfg.final_norm
+            )[0]
+        except (AssertionError, RuntimeError) as err:  # a ViT built for another size rejects the image
+            raise ValueError(
+                f"model.vision.image_size={self.cfg.image_size} does not fit {self.cfg.name} as built ({err}). "
+                "For a ViT set model.vision.model_kwargs.img_size to the same size (timm then resamples the "
+                "position embeddings). See TROUBLESHOOTING.md#image-size-differs-from-the-backbones-pretrained-size."
+            ) from err
         self.train(was_training)
         return (feats.shape[2], feats.shape[3]), feats.shape[1]
 
@@ -81,3 +88,21 @@ class VisionEncoder(nn.Module):
             return taken.flatten(2).transpose(1, 2)
         spatial, prefix = taken
         return torch.cat([prefix, spatial.flatten(2).transpose(1, 2)], dim=1)
+
+
+def _create_backbone(cfg: VisionConfig) -> nn.Module:
+    """timm's own loading: the hub by name (`pretrained`), or a local file through its pretrained-config overlay."""
+    kwargs = dict(cfg.model_kwargs)
+    key, source = ("model.vision.weights_path", cfg.weights_path) if cfg.weights_path else ("model.vision.pretrained: name", cfg.name)
+    if cfg.weights_path:
+        kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights_path)
+    with loading(key, source):
+        backbone = timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_path), num_classes=0, **kwargs)
+    trained_at = (backbone.pretrained_cfg or {}).get("input_size", [None])[-1]
+    if cfg.pretrained and not cfg.weights_path and trained_at and trained_at != cfg.image_size:
+        logger.warning(
+            "model.vision.image_size=%d but %s was trained at %d px: its features shift until finetuned. "
+            "See TROUBLESHOOTING.md#image-size-differs-from-the-backbones-pretrained-size.",
+            cfg.image_size, cfg.name, trained_at,
+        )  # fmt: skip
+    return backbone

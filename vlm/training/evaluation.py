@@ -27,7 +27,7 @@ from vlm.training.device import move_to
 class EvalResult:
     loss_sum: float  # summed token loss over every evaluated sample
     tokens: int  # their supervised tokens
-    predictions: list[dict]  # {"index", "id", "kind", "answer", "prediction", "correct"}, by index
+    predictions: list[dict]  # {"index", "id", "kind", "answer", "prediction", "correct", "exact"}, by index
     skipped: dict[str, int]  # bad validation samples by reason
     num_samples: int  # samples evaluated (not skipped)
 
@@ -41,6 +41,11 @@ class EvalResult:
         return sum(p["correct"] for p in self.predictions) / len(self.predictions) if self.predictions else None
 
     @property
+    def exact_match(self) -> float | None:
+        """Predictions identical to the reference but for surrounding white space; None when there are none."""
+        return sum(p["exact"] for p in self.predictions) / len(self.predictions) if self.predictions else None
+
+    @property
     def accuracy_by_kind(self) -> dict[str, float]:
         hits, totals = defaultdict(int), defaultdict(int)
         for p in self.predictions:
@@ -52,6 +57,19 @@ class EvalResult:
         """The figures a best checkpoint can be chosen by."""
         found = {"val_loss": self.loss, "val_accuracy": self.accuracy}
         return {k: v for k, v in found.items() if v is not None}
+
+    def summary(self) -> dict:
+        """The figures of metrics.json and eval.json."""
+        return {
+            "val_loss": self.loss,
+            "val_accuracy": self.accuracy,  # normalised answers (case, surrounding punctuation and space)
+            "val_exact_match": self.exact_match,
+            "val_accuracy_by_kind": self.accuracy_by_kind,
+            "val_samples": self.num_samples,
+            "val_accuracy_samples": len(self.predictions),
+            "majority_baseline": majority_baseline([p["answer"] for p in self.predictions]),
+            "val_skipped": self.skipped,
+        }
 
 
 def normalise_answer(text: str) -> str:
@@ -108,7 +126,8 @@ def evaluate(
             answers = generate_answers(model, tokenizer, prompts or [filler], settings, device, synced=filler is not None)
             for reference, text in zip(references, answers):
                 correct = normalise_answer(text) == normalise_answer(reference["answer"])
-                predictions.append({**reference, "prediction": text, "correct": correct})
+                exact = text.strip() == reference["answer"].strip()
+                predictions.append({**reference, "prediction": text, "correct": correct, "exact": exact})
     model.train(was_training)
     return EvalResult(loss_sum, tokens, predictions, dict(skipped), len(indices) - sum(skipped.values()))
 

@@ -41,7 +41,8 @@ from vlm.training.device import (
     peak_memory_bytes,
 )
 from vlm.training.distributed import Agreement, build_accelerator, describe, log_to_own_file, prepare
-from vlm.training.evaluation import EvalResult, evaluate, majority_baseline, merge_results
+from vlm.training.curves import write_curves
+from vlm.training.evaluation import EvalResult, evaluate, merge_results
 from vlm.training.model_state import ModelState
 from vlm.training.optim import (
     apply_trainable,
@@ -421,18 +422,12 @@ class Trainer:
         if self.world_size > 1:  # each process saw its own share of the bad samples
             self.data_skips.merge(gather_object([self.data_skips.state_dict()]))
         metrics = {
-            "val_loss": final.loss,
-            "val_accuracy": final.accuracy,
-            "val_accuracy_by_kind": final.accuracy_by_kind,
-            "val_samples": final.num_samples,
-            "val_accuracy_samples": len(final.predictions),
-            "majority_baseline": majority_baseline([p["answer"] for p in final.predictions]),
+            **final.summary(),
             "steps": self.step,
             "world_size": self.world_size,
             "processes": processes,
             "final_train_loss": last_loss,
             "data_skipped": self.data_skips.counts(),
-            "val_skipped": final.skipped,
             "skipped_non_finite_steps": self.bad_total,
             "oom_back_offs": len(self.accumulator.back_offs),
             "micro_batch_size": self.accumulator.micro_batch_size,
@@ -442,6 +437,7 @@ class Trainer:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             predictions = "".join(json.dumps(p, default=str) + "\n" for p in final.predictions)
             (self.run_dir / "val_predictions.jsonl").write_text(predictions)
+            write_curves(self.train_log.path, self.run_dir / "curves.png", f"{self.cfg.experiment_name}: {self.run_dir}")
             self._print_summary(metrics)
         self.tracker.summary(metrics)
         self.tracker.finish()
