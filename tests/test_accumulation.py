@@ -55,7 +55,7 @@ def test_token_weighting_is_per_token_not_per_micro_batch(trainer):
     processor = trainer.parts.processor
     samples = [processor(conversation(i, words), i) for i, words in enumerate([1, 30])]
     trainer.accumulator.micro_batch_size = 1
-    loss, tokens = trainer.accumulate_gradients(samples)
+    loss, tokens, _ = trainer.accumulate_gradients(samples)
     with torch.no_grad():
         sums = [float(trainer._loss_sum(trainer.collator([s]))) for s in samples]  # on the trainer's device
     assert tokens == sum(s.num_predicted for s in samples)

@@ -84,7 +84,7 @@ def test_samples_without_supervised_tokens_are_counted_not_trained_on(tmp_path, 
     empty, good = encoded[0], encoded[1]
     assert isinstance(empty, SkippedSample) and empty.reason == "nothing_to_learn"
     with caplog.at_level(logging.WARNING):
-        loss, tokens = trainer.accumulate_gradients([empty, good])
+        loss, tokens, _ = trainer.accumulate_gradients([empty, good])
     assert tokens == good.num_predicted and np.isfinite(loss)
     assert trainer.data_skips.counts() == {"nothing_to_learn": 1}
     assert "sample 0: has no assistant turn" in caplog.text and "samples-with-nothing-to-learn" in caplog.text

@@ -29,6 +29,7 @@ from vlm.data.shapes import ShapesConfig, ShapesVQA
 from vlm.data.tokenizer import TokenizerConfig
 
 ON_ERROR = ("skip", "raise")
+BATCHING = ("padded", "grouped", "packed")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chat: ChatFormatConfig = field(default_factory=ChatFormatConfig)
     max_length: int = 256
+    batching: str = "padded"  # padded | grouped (similar lengths per step) | packed (rows of max_length tokens)
+    group_steps: int = 16  # grouped: steps whose samples are sorted by length together
     num_workers: int = 0
     image_splitting: ImageSplittingConfig = field(default_factory=ImageSplittingConfig)
     max_image_pixels: int | None = None  # larger images are bad samples; null: PIL's decompression-bomb limit
@@ -49,6 +52,8 @@ DATASETS = {"shapes": (ShapesConfig, ShapesVQA), "llava": (LlavaConfig, LlavaDat
 
 
 def check_data_config(data: DataConfig) -> None:
+    if data.batching not in BATCHING:
+        raise ValueError(f"data.batching={data.batching!r} is not one of: {', '.join(BATCHING)}")
     if data.on_error not in ON_ERROR:
         raise ValueError(f"data.on_error={data.on_error!r} is not one of: {', '.join(ON_ERROR)}")
     if not 0 <= data.max_skip_fraction <= 1:

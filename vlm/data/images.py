@@ -111,6 +111,21 @@ def tile_grid(width: int, height: int, tile: int, max_tiles: int) -> tuple[int, 
     return best
 
 
+def image_dimensions(source: Any) -> tuple[int, int] | None:
+    """(width, height) from the header alone (nothing decoded); None when it cannot be read cheaply."""
+    if isinstance(source, Image.Image):
+        return source.size
+    if isinstance(source, np.ndarray):
+        return source.shape[1], source.shape[0]
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
+            return image.size
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError):
+        return None
+
+
 def split_image(image: Image.Image | np.ndarray, tile: int, max_tiles: int) -> tuple[list[Any], tuple[int, int]]:
     """Tiles in row-major order, then the global view; (1, 1) grids give the global view alone."""
     if isinstance(image, np.ndarray):

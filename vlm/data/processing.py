@@ -14,7 +14,7 @@ import torch
 
 from vlm.data.bad_samples import BadSample, sample_label
 from vlm.data.chat_format import IGNORE_INDEX, ChatFormat
-from vlm.data.images import ImageSplittingConfig, ImageTransform, load_image, split_image
+from vlm.data.images import ImageSplittingConfig, ImageTransform, image_dimensions, load_image, split_image, tile_grid
 
 
 @dataclass
@@ -24,6 +24,17 @@ class EncodedSample:
     labels: torch.Tensor  # [T] long, IGNORE_INDEX where not supervised
     pixel_values: torch.Tensor  # [num_views, 3, H, W] float: one view per image, or tiles + global view each
     num_images: int = 0  # images of the raw sample (before splitting into views)
+    position_ids: torch.Tensor | None = None  # [T] long; packed rows only (restarting at 0 for each sample)
+    members: tuple[int, ...] = ()  # packed rows only: the dataset indices of the samples in the row, in order
+
+    @property
+    def sample_ids(self) -> tuple[int, ...]:
+        return self.members or (self.index,)
+
+    def pin_memory(self) -> "EncodedSample":
+        """Called by DataLoader(pin_memory=True) on each sample (CUDA)."""
+        pinned = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return EncodedSample(**pinned)
 
     @property
     def num_supervised(self) -> int:
@@ -81,6 +92,23 @@ class SampleProcessor:
         label = sample_label(index, sample)
         self._check_conversation(sample, label, need_answer=False)
         return self._prompt(sample, index, label, *self._images(sample, label))
+
+    def token_length(self, sample: dict, index: int) -> int:
+        """The training encoding's length without decoding an image (grouped batching); 0 for a bad sample.
+        With image splitting the grid comes from the image header, or the largest grid when that is unreadable."""
+        try:
+            self._check_conversation(sample, sample_label(index, sample), need_answer=True)
+            runs = [self._layout(self._grid_of(source)) for source in sample.get("images", [])]
+            return min(len(self.chat_format.encode(sample["messages"], runs)[0]), self.max_length)
+        except (BadSample, KeyError, TypeError, ValueError):
+            return 0
+
+    def _grid_of(self, source) -> tuple[int, int]:
+        if not self.splitting.enabled:
+            return (1, 1)
+        size, tiles = self.image_transform.image_size, self.splitting.max_tiles
+        dimensions = image_dimensions(source)
+        return tile_grid(*dimensions, size, tiles) if dimensions else tile_grid(size * tiles, size, size, tiles)
 
     def encode_for_eval(self, sample: dict, index: int) -> tuple[EncodedSample, EncodedSample]:
         """(training encoding, generation prompt), the images loaded once for both."""

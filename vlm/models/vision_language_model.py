@@ -122,10 +122,11 @@ class VisionLanguageModel(nn.Module):
         """Python-side work (checks, image list -> tensor), then the tensor-only core."""
         pixel_values = self._images_tensor(batch)
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch.get("labels")
+        position_ids = batch.get("position_ids")  # packed rows only
         # Outside any compiled frame: a compiled core then serves every batch size and length.
-        mark_batch_and_sequence_dynamic(input_ids, attention_mask, labels)
+        mark_batch_and_sequence_dynamic(input_ids, attention_mask, labels, position_ids)
         mark_image_count_unbacked(pixel_values)
-        return self._forward_core(input_ids, pixel_values, attention_mask, labels)
+        return self._forward_core(input_ids, pixel_values, attention_mask, labels, position_ids)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         embeds = self.lm.get_input_embeddings()(input_ids)
@@ -138,14 +139,19 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
     ) -> CoreOutput:
         embeds = self.embed(input_ids, pixel_values)
-        # Positions count real tokens only, so left padding does not shift them (as in generation).
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if position_ids is None:
+            # Positions count real tokens only, so left padding does not shift them (as in generation).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            lm_mask = attention_mask
+        else:
+            # Packed rows: with no 2-D mask, transformers makes attention block-causal wherever the positions
+            # restart (one block per sample; see vlm/data/packing.py). Padding is masked out of the loss below.
+            lm_mask = None
         # use_cache=False: a forward over whole sequences needs no KV cache (transformers builds one by default).
-        logits = self.lm(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
+        logits = self.lm(inputs_embeds=embeds, attention_mask=lm_mask, position_ids=position_ids, use_cache=False).logits
         if labels is None:
             return CoreOutput(logits, None, None)
         # Padding is excluded by position, whatever its id. Position t predicts label t+1: the labels are

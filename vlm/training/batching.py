@@ -5,9 +5,17 @@ The sample order is a seeded permutation per epoch; step s takes the s-th slice 
 a checkpoint is just its step number: resuming replays exactly the batches an uninterrupted run
 would have seen, and changing the micro-batch size (or the OOM back-off doing so) never changes
 which samples form a step. Each process takes an interleaved share of the step's samples.
+
+Grouped batching (`lengths` given) keeps that promise: the epoch's permutation is cut into groups of
+`group_steps` steps; inside a group the samples are sorted by token length (longest first) and cut into
+steps, whose order inside the group is shuffled with a seed of (seed, epoch, group). A step then holds
+samples of similar length (little padding), its micro-batches and each process's share too, and the
+longest step of a group is not always its first.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -17,12 +25,13 @@ class StepSampler(Sampler[list[int]]):
     """Yields, for steps start_step, start_step+1, ..., the dataset indices this process uses."""
 
     def __init__(self, dataset_size: int, global_batch_size: int, seed: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1):  # fmt: skip
+                 rank: int = 0, world_size: int = 1, lengths: Sequence[int] | None = None, group_steps: int = 16):  # fmt: skip
         if global_batch_size > dataset_size:
             raise ValueError(f"train.global_batch_size={global_batch_size} exceeds the dataset's {dataset_size} samples")
         self.dataset_size, self.global_batch_size, self.seed = dataset_size, global_batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.steps_per_epoch = dataset_size // global_batch_size  # the last partial batch of an epoch is dropped
+        self.lengths, self.group_steps = lengths, group_steps
         self._epoch, self._order = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -34,8 +43,21 @@ class StepSampler(Sampler[list[int]]):
     def step_indices(self, step: int) -> list[int]:
         """All samples of 0-based step `step`, over every process, in order."""
         epoch, offset = divmod(step, self.steps_per_epoch)
+        if self.lengths is not None:
+            return self._grouped(epoch, offset)
         start = offset * self.global_batch_size
         return self._permutation(epoch)[start : start + self.global_batch_size].tolist()
+
+    def _grouped(self, epoch: int, offset: int) -> list[int]:
+        group, place = divmod(offset, self.group_steps)
+        first = group * self.group_steps
+        steps = min(self.group_steps, self.steps_per_epoch - first)  # the epoch's last group may be shorter
+        size = self.global_batch_size
+        members = self._permutation(epoch)[first * size : (first + steps) * size].tolist()
+        members.sort(key=lambda i: -self.lengths[i])  # stable: ties keep the permutation's order
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + group)
+        chosen = int(torch.randperm(steps, generator=generator)[place])
+        return members[chosen * size : (chosen + 1) * size]
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
@@ -47,10 +69,11 @@ class StepSampler(Sampler[list[int]]):
         return 2**62
 
 
-def step_loader(dataset: Dataset, sampler: StepSampler, num_workers: int) -> DataLoader:
+def step_loader(dataset: Dataset, sampler: StepSampler, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """One item per step: the list of encoded samples of this process's share, uncollated.
 
-    Collation happens per micro-batch, after the trainer has chosen the micro-batch size.
+    Collation happens per micro-batch, after the trainer has chosen the micro-batch size. With workers,
+    images are decoded and text tokenized off the main process, `prefetch_factor` steps ahead per worker.
     """
     return DataLoader(
         dataset,
@@ -61,4 +84,41 @@ def step_loader(dataset: Dataset, sampler: StepSampler, num_workers: int) -> Dat
         collate_fn=list,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=pin_memory,  # EncodedSample.pin_memory: page-locked host tensors copy to the GPU asynchronously
     )
+
+
+def computed_tokens(units: Sequence, micro_batch_size: int, pad_to: int | None = None) -> int:
+    """Token positions the forward computes for these samples (or packed rows) in micro-batches of this size:
+    each micro-batch is padded to its longest (or to `pad_to`)."""
+    total = 0
+    for start in range(0, len(units), micro_batch_size):
+        chunk = units[start : start + micro_batch_size]
+        total += len(chunk) * max([len(u.input_ids) for u in chunk] + [pad_to or 0])
+    return total
+
+
+@dataclass
+class Throughput:
+    """Run totals of this process for metrics.json: how much of the computed work was real tokens, how fast,
+    and how much of the step time went to waiting for data."""
+
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    step_time_s: float = 0.0
+    data_wait_s: float = 0.0
+
+    def add(self, real: int, computed: int, step_time: float, data_wait: float) -> None:
+        self.real_tokens += real
+        self.computed_tokens += computed
+        self.step_time_s += step_time
+        self.data_wait_s += data_wait
+
+    def summary(self, world_size: int) -> dict:
+        time_s = max(self.step_time_s, 1e-9)
+        return {
+            "real_token_fraction": self.real_tokens / max(self.computed_tokens, 1),
+            "real_tokens_per_s": self.real_tokens * world_size / time_s,
+            "data_wait_fraction": self.data_wait_s / time_s,
+        }

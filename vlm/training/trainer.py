@@ -23,9 +23,11 @@ from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.collate import Collator, filler_sample
 from vlm.data.datasets import EncodedDataset
+from vlm.data.lengths import sample_lengths
+from vlm.data.packing import pack_samples
 from vlm.pretrained import save_pretrained
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
-from vlm.training.batching import StepSampler, step_loader
+from vlm.training.batching import StepSampler, Throughput, computed_tokens, step_loader
 from vlm.training.checkpoint_manager import (
     TRAINER_STATE,
     TRAINING_STATE,
@@ -34,6 +36,7 @@ from vlm.training.checkpoint_manager import (
     restore_rng_states,
     rng_states,
 )  # fmt: skip
+from vlm.training.curves import write_curves
 from vlm.training.device import (
     configure_cpu_allocator,
     configure_cuda_allocator,
@@ -41,7 +44,6 @@ from vlm.training.device import (
     peak_memory_bytes,
 )
 from vlm.training.distributed import Agreement, build_accelerator, describe, log_to_own_file, prepare
-from vlm.training.curves import write_curves
 from vlm.training.evaluation import EvalResult, evaluate, merge_results
 from vlm.training.model_state import ModelState
 from vlm.training.optim import (
@@ -116,7 +118,10 @@ class Trainer:
         )
         if self.accumulator.micro_batch_size < self.share or self.accumulator.simulate or self.world_size > 1:
             warn_if_batch_norm(model)
-        self.collator = Collator(self.parts.tokenizer.pad_token_id, padding_side="right")
+        self.packed = self.parts.data.batching == "packed"
+        # Packed rows all have the token budget's length: one sequence length for the whole run.
+        self.collator = Collator(self.parts.tokenizer.pad_token_id, "right", self.parts.data.max_length if self.packed else None)
+        self.throughput = Throughput()
         self.filler = filler_sample(self.parts.tokenizer.pad_token_id, model.cfg.vision.image_size)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", tc.keep_last, tc.best_metric, self.is_main)
         self.first_step_samples, self.peak_memory = None, 0
@@ -161,40 +166,44 @@ class Trainer:
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         return self.model(move_to(batch, self.accelerator.device)).loss_sum
 
-    def accumulate_gradients(self, samples: list) -> tuple[float, float]:
-        """Backward over this process's share of a step; returns (step loss, step supervised tokens).
+    def accumulate_gradients(self, samples: list) -> tuple[float, float, int]:
+        """Backward over this process's share of a step; returns (step loss, step supervised tokens, token
+        positions this process computed, padding included).
 
         Gradients end up as those of (sum of token losses over the whole step) / (its token count).
         Bad samples (SkippedSample) are counted and left out of every micro-batch.
         """
         kept = [s for s in samples if not isinstance(s, SkippedSample)]
+        units = pack_samples(kept, self.parts.data.max_length) if self.packed else kept
         self.data_skips.record([s for s in samples if isinstance(s, SkippedSample)])
         local_tokens = sum(s.num_predicted for s in kept)  # counted on the host: no device sync
         # One collective for the token count and the skip tally, so every process judges the same figures.
         step_tokens, draws, bad = self._all_processes_sum(local_tokens, len(samples), len(samples) - len(kept))
         self.data_skips.count_draws(draws, bad)
         if step_tokens == 0:
-            return math.nan, 0.0
+            return math.nan, 0.0, 0
         # DDP and FSDP average gradients over processes; scaling by the process count turns that into a sum.
         per_process_tokens = step_tokens / self.world_size
         loss_sum = self.accumulator.run(
-            self.step, kept, self.collator, self._loss_sum, self.accelerator.backward,
+            self.step, units, self.collator, self._loss_sum, self.accelerator.backward,
             lambda: self.optimizer.zero_grad(set_to_none=True), lambda: self.accelerator.no_sync(self.model),
             per_process_tokens, self.filler,
         )  # fmt: skip
         (total,) = self._all_processes_sum(0.0 if loss_sum is None else loss_sum)
-        return total / step_tokens, step_tokens
+        computed = computed_tokens(units, self.accumulator.micro_batch_size, self.collator.pad_to)
+        return total / step_tokens, step_tokens, computed
 
     def train_step(self, samples: list) -> dict:
         """One optimizer step: accumulate, clip, skip the update if anything is non-finite."""
         self.step += 1
-        loss, step_tokens = self.accumulate_gradients(samples)
-        tokens = sum(len(s.input_ids) for s in samples if not isinstance(s, SkippedSample))
+        loss, step_tokens, computed = self.accumulate_gradients(samples)
+        real = sum(len(s.input_ids) for s in samples if not isinstance(s, SkippedSample))
+        tokens = {"tokens": real, "computed_tokens": computed}
         if step_tokens == 0:
             log.warning("step %d: no supervised tokens in the whole step; skipped", self.step)
             lrs = self._learning_rates()
             self.scheduler.step()
-            return {"loss": loss, "grad_norm": math.nan, "tokens": tokens, "skipped": True, **lrs}
+            return {"loss": loss, "grad_norm": math.nan, **tokens, "skipped": True, **lrs}
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))  # pre-clip norm
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -207,7 +216,7 @@ class Trainer:
         lrs = self._learning_rates()  # the ones this update used
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "skipped": skipped, **lrs}
+        return {"loss": loss, "grad_norm": grad_norm, **tokens, "skipped": skipped, **lrs}
 
     def _learning_rates(self) -> dict:
         group = self.optimizer.param_groups[0]
@@ -241,12 +250,16 @@ class Trainer:
     # ----- the loop ------------------------------------------------------------------------------
 
     def batches(self):
+        data = self.parts.data
+        lengths = None
+        if data.batching == "grouped":
+            lengths = sample_lengths(self.parts.train_set, self.parts.processor, data.num_workers, self.is_main)
         sampler = StepSampler(
             len(self.parts.train_set), self.train_cfg.global_batch_size, self.train_cfg.seed, self.step,
-            self.rank, self.world_size,
+            self.rank, self.world_size, lengths, data.group_steps,
         )  # fmt: skip
         encoded = EncodedDataset(self.parts.train_set, self.parts.processor)
-        return iter(step_loader(encoded, sampler, self.parts.data.num_workers))
+        return iter(step_loader(encoded, sampler, self.parts.data.num_workers, self.accelerator.device.type == "cuda"))
 
     def fit(self) -> dict:
         tc = self.train_cfg
@@ -297,10 +310,14 @@ class Trainer:
     def _step_record(self, stats: dict, elapsed: float, data_wait: float) -> dict:
         peak = peak_memory_bytes(self.accelerator.device)
         self.peak_memory = max(self.peak_memory, peak)
+        self.throughput.add(stats["tokens"], stats["computed_tokens"], elapsed, data_wait)
         return {
             "step": self.step,
-            **{k: v for k, v in stats.items() if k != "tokens"},
-            "tokens_per_s": stats["tokens"] * self.world_size / elapsed,
+            **{k: v for k, v in stats.items() if k not in ("tokens", "computed_tokens")},
+            # This process's figures times the process count: the processes' shares are alike.
+            "tokens_per_s": stats["computed_tokens"] * self.world_size / elapsed,  # padding included: the work done
+            "real_tokens_per_s": stats["tokens"] * self.world_size / elapsed,
+            "real_token_fraction": stats["tokens"] / max(stats["computed_tokens"], 1),
             "step_time_s": elapsed,
             "data_wait_fraction": data_wait / elapsed,
             "micro_batch_size": self.accumulator.micro_batch_size,
@@ -431,6 +448,7 @@ class Trainer:
             "skipped_non_finite_steps": self.bad_total,
             "oom_back_offs": len(self.accumulator.back_offs),
             "micro_batch_size": self.accumulator.micro_batch_size,
+            **self.throughput.summary(self.world_size),
             "wall_time_s": time.perf_counter() - self.started,
         }
         if self.is_main:

@@ -1,0 +1,122 @@
+"""Packed rows (data.batching=packed) against the same samples unpacked, which is the independent reference:
+every sample's logits, loss and gradient are its own, no token sees another sample, and compiled packing
+neither breaks graphs nor recompiles.
+
+Run: pytest tests/test_packing.py
+"""
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from tests.conftest import TINY_VIT, compose_config
+from vlm.build import build_components
+from vlm.compile_policy import apply_compile
+from vlm.data.chat_format import IGNORE_INDEX
+from vlm.data.collate import Collator
+from vlm.data.packing import first_fit_decreasing, pack_samples
+
+BUDGET = 256
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    cfg = compose_config(*TINY_VIT, "data.dataset.questions_per_image=4", f"data.max_length={BUDGET}")
+    parts = build_components(cfg)
+    with torch.no_grad():  # away from the initialisation, so that differences would show
+        for p in parts.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return parts
+
+
+def encoded(parts, indices):
+    return [parts.processor(parts.train_set[i], i) for i in indices]
+
+
+def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one sample: position t predicts label t+1."""
+    return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def segments(row, by_id):
+    """(sample id, its span in the row), in order."""
+    start = 0
+    for sample_id in row.members:
+        length = len(by_id[sample_id].input_ids)
+        yield sample_id, slice(start, start + length)
+        start += length
+
+
+def test_first_fit_decreasing_fills_rows_within_the_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 200) for _ in range(40)]
+    bins = first_fit_decreasing(lengths, BUDGET)
+    assert sorted(i for b in bins for i in b) == list(range(40))
+    assert all(sum(lengths[i] for i in b) <= BUDGET for b in bins)
+    assert sum(lengths) / (len(bins) * BUDGET) > 0.9
+
+
+def test_packed_rows_give_every_sample_its_own_logits_loss_and_gradient(parts):
+    model, collate = parts.model, Collator(parts.tokenizer.pad_token_id, "right", BUDGET)
+    samples = encoded(parts, range(9))
+    for sample in samples:  # a first token labelled as supervised: no previous token may predict it, packed or not
+        sample.labels[0] = sample.input_ids[0]
+    rows = pack_samples(samples, BUDGET)
+    assert len(rows) < len(samples) and max(len(r.members) for r in rows) >= 3  # really packed
+    by_id = {s.index: s for s in samples}
+    model.zero_grad()
+    packed = model(collate(rows))
+    packed.loss_sum.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for row_number, row in enumerate(rows):
+        for sample_id, span in segments(row, by_id):
+            alone = model(Collator(parts.tokenizer.pad_token_id)([by_id[sample_id]]))
+            alone.loss_sum.backward()  # the reference gradient: each sample alone, summed
+            torch.testing.assert_close(packed.logits[row_number, span], alone.logits[0], rtol=1e-5, atol=1e-5)
+            own = per_sample_losses(packed.logits[row_number, span], by_id[sample_id].labels)
+            torch.testing.assert_close(own, alone.loss_sum.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        reference_total = sum(float(model(Collator(parts.tokenizer.pad_token_id)([s])).loss_sum) for s in samples)
+    assert float(packed.loss_sum.detach()) == pytest.approx(reference_total, rel=1e-5)
+    assert int(packed.num_tokens) == sum(s.num_predicted for s in samples)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_token_never_sees_another_sample_of_its_row(parts):
+    """Causal order alone hides later samples; block attention must also hide the earlier ones."""
+    model, collate = parts.model, Collator(parts.tokenizer.pad_token_id, "right", BUDGET * 2)
+    first, second, other = encoded(parts, [0, 1, 2])
+    with torch.no_grad():
+        row = pack_samples([first, second], BUDGET * 2)[0]
+        changed = pack_samples([other, second], BUDGET * 2)[0]
+        assert row.members[-1] == changed.members[-1] == 1  # the second sample comes after another one in both
+        a, b = model(collate([row])).logits[0], model(collate([changed])).logits[0]
+    n, m = len(row.input_ids), len(changed.input_ids)
+    length = len(second.input_ids)
+    torch.testing.assert_close(a[n - length : n], b[m - length : m], rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_packing_has_no_graph_breaks_or_recompiles(parts):
+    """The packed length is the token budget; the sample count per row and row count per batch vary."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = copy.deepcopy(parts.model)
+    apply_compile(model, "core")
+    collate, rng = Collator(parts.tokenizer.pad_token_id, "right", BUDGET), random.Random(0)
+    for indices in [range(2), range(40, 56)]:  # warm-up: few and many rows
+        model(collate(pack_samples(encoded(parts, indices), BUDGET))).loss_sum.backward()
+    warm = counters["stats"]["unique_graphs"]
+    assert warm > 0 and not counters["graph_break"]
+    for _ in range(20):
+        indices = rng.sample(range(len(parts.train_set)), rng.randint(2, 24))
+        model(collate(pack_samples(encoded(parts, indices), BUDGET))).loss_sum.backward()
+    assert counters["stats"]["unique_graphs"] == warm and not counters["graph_break"]
