@@ -59,9 +59,12 @@ def main(argv: list[str]) -> None:
         print(json.dumps(train(mode, [*common, f"data.batching={mode}"])), flush=True)
     shapes = ["+experiment=shapes", f"train.max_steps={args.steps}", "train.eval_every=0", "train.log_every=1",
               "data.dataset.val_size=16", *overrides]  # fmt: skip
-    for experiment, base in [("llava_tiny", common), ("shapes", shapes)]:
+    plain = export(OUT / "plain", records=3000, image_size=64)  # the llava_tiny experiment's usual corpus
+    llava = ["+experiment=llava_tiny", f"data.dataset.path={plain}", *shapes[1:4], *overrides]
+    for experiment, base in [("llava_tiny", llava), ("shapes", shapes)]:
         for workers in [0, 2]:
             print(json.dumps(train(f"{experiment}_workers_{workers}", [*base, f"data.num_workers={workers}"])), flush=True)
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -26,7 +26,7 @@ class LlavaConfig(RecordsConfig):
 
 @dataclass(frozen=True)
 class BadLine:
-    line: int
+    where: str  # "line 12" or (streaming) "the line at byte 3456"
     error: str
 
 
@@ -53,7 +53,7 @@ def _read_cached(path: str, _mtime: int) -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                records.append(BadLine(number, str(err)))
+                records.append(BadLine(f"line {number}", str(err)))
     return records
 
 
@@ -71,7 +71,7 @@ class LlavaDataset(RecordDataset):
 
     def to_raw(self, record, label: str) -> dict:
         if isinstance(record, BadLine):
-            raise BadSample("malformed_record", f"line {record.line} is not valid JSON ({record.error})", label)
+            raise BadSample("malformed_record", f"{record.where} is not valid JSON ({record.error})", label)
         if not isinstance(record, dict):
             raise BadSample("malformed_record", f"record is {type(record).__name__}, not an object", label)
         images = record.get("image")
