@@ -13,7 +13,8 @@ locally trained tokenizer, when reading samples is expensive (default: the first
 A new format is one small file registered in DATASETS (see llava.py, hf.py, shapes.py).
 """
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,7 @@ def dataset_schema(name: str) -> type:
 
 def build_dataset(dataset_cfg: Any, split: str, image_size: int) -> Dataset:
     dataset = DATASETS[dataset_cfg.name][1](dataset_cfg, split, image_size)
-    if len(dataset) == 0:
+    if len(dataset) == 0 and getattr(dataset, "stream", None) is None:
         raise ValueError(f"the {split} split of data.dataset ({dataset_cfg.name}) is empty; for validation set "
                          "data.dataset.val_fraction > 0 or a validation path/split")  # fmt: skip
     return dataset
@@ -79,9 +80,14 @@ def dataset_corpus(dataset: Dataset, limit: int = 2000) -> Iterator[str]:
     if hasattr(dataset, "corpus"):
         yield from dataset.corpus(limit)
         return
-    for index in range(min(limit, len(dataset))):
+    if getattr(dataset, "stream", None) is not None:  # streaming: the stream's first records
+        records = itertools.islice(dataset.stream.read(None), limit)
+        reads = ((dataset.raw_sample, (record, i, i)) for i, (record, _) in enumerate(records))
+    else:
+        reads = ((dataset.__getitem__, (i,)) for i in range(min(limit, len(dataset))))
+    for read, args in reads:
         try:
-            messages = dataset[index]["messages"]
+            messages = read(*args)["messages"]
         except BadSample:
             continue
         yield from map(message_text, messages)
@@ -97,7 +103,12 @@ class EncodedDataset(Dataset):
         return len(self.raw)
 
     def __getitem__(self, index: int) -> EncodedSample | SkippedSample:
-        try:
-            return self.processor(self.raw[index], index)
-        except BadSample as err:
-            return SkippedSample.from_error(index, err)
+        return encode_or_skip(self.processor, lambda: self.raw[index], index)
+
+
+def encode_or_skip(processor: SampleProcessor, read: Callable[[], dict], index: int) -> EncodedSample | SkippedSample:
+    """The training encoding of the sample `read()` returns, or a SkippedSample saying why it cannot be used."""
+    try:
+        return processor(read(), index)
+    except BadSample as err:
+        return SkippedSample.from_error(index, err)

@@ -19,6 +19,7 @@ import datasets
 from vlm.data.bad_samples import BadSample
 from vlm.data.conversation import IMAGE, llava_turns, place_images, role_of, text_of
 from vlm.data.records import RecordDataset, RecordsConfig, holdout_split
+from vlm.data.streaming import IterableSource
 
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
 LAYOUTS = ("messages", "texts", "conversations", "question")
@@ -50,20 +51,22 @@ class HFConfig(RecordsConfig):
     columns: HFColumns = field(default_factory=HFColumns)
 
 
-def open_split(cfg: HFConfig, split: str) -> datasets.Dataset:
+def open_split(cfg: HFConfig, split: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """`streaming`: an IterableDataset read as it goes (files and hub datasets are never loaded whole)."""
     path = Path(cfg.path)
     saved = path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
     if saved:
         dataset = datasets.load_from_disk(str(path))
-        return dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+        dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+        return dataset.to_iterable_dataset(num_shards=1) if streaming else dataset  # memory-mapped already
     if path.is_file():
         builder = cfg.builder or BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"data.dataset.path={cfg.path!r}: set data.dataset.builder for a {path.suffix} file")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
     if cfg.builder:
-        return datasets.load_dataset(cfg.builder, data_dir=str(path), split=split)
-    return datasets.load_dataset(cfg.path, name=cfg.subset, split=split)  # a hub name
+        return datasets.load_dataset(cfg.builder, data_dir=str(path), split=split, streaming=streaming)
+    return datasets.load_dataset(cfg.path, name=cfg.subset, split=split, streaming=streaming)  # a hub name
 
 
 def default_image_root(cfg: HFConfig) -> Path | None:
@@ -110,10 +113,17 @@ def undecoded(dataset: datasets.Dataset, columns: HFColumns) -> datasets.Dataset
 class HFDataset(RecordDataset):
     def __init__(self, cfg: HFConfig, split: str, image_size: int):
         self.marker = cfg.image_marker
+        if cfg.streaming and not cfg.val_split:
+            raise ValueError("data.dataset.streaming=true needs data.dataset.val_split: a stream is never held out from")
         own_split = split == "train" or not cfg.val_split
-        dataset = open_split(cfg, cfg.split if own_split else cfg.val_split)
+        streamed = cfg.streaming and split == "train"
+        dataset = open_split(cfg, cfg.split if own_split else cfg.val_split, streamed)
         self.columns = resolve_columns(dataset, cfg.columns)
         dataset = undecoded(dataset, self.columns)
+        if streamed:
+            self.stream = IterableSource(dataset)
+            super().__init__([], [], default_image_root(cfg))
+            return
         positions = list(range(len(dataset))) if cfg.val_split else holdout_split(len(dataset), cfg.val_fraction, cfg.seed, split)
         super().__init__(dataset, positions, default_image_root(cfg), cfg.max_val_samples if split != "train" else None)
 

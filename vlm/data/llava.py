@@ -14,7 +14,8 @@ from pathlib import Path
 
 from vlm.data.bad_samples import BadSample
 from vlm.data.conversation import llava_turns, place_images
-from vlm.data.records import RecordDataset, RecordsConfig, holdout_split
+from vlm.data.records import BadLine, RecordDataset, RecordsConfig, holdout_split
+from vlm.data.streaming import JsonlSource
 
 
 @dataclass
@@ -24,17 +25,16 @@ class LlavaConfig(RecordsConfig):
     image_marker: str = "<image>"
 
 
-@dataclass(frozen=True)
-class BadLine:
-    where: str  # "line 12" or (streaming) "the line at byte 3456"
-    error: str
+def check_file(path: str) -> Path:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data.dataset.path: LLaVA file {path!r} does not exist. See TROUBLESHOOTING.md#malformed-record.")
+    return file
 
 
 def read_records(path: str) -> list:
     """A JSON array, or JSONL (one record per line; an unparsable line becomes a BadLine)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"data.dataset.path: LLaVA file {path!r} does not exist. See TROUBLESHOOTING.md#malformed-record.")
+    file = check_file(path)
     return _read_cached(str(file.resolve()), file.stat().st_mtime_ns)
 
 
@@ -60,13 +60,24 @@ def _read_cached(path: str, _mtime: int) -> list:
 class LlavaDataset(RecordDataset):
     def __init__(self, cfg: LlavaConfig, split: str, image_size: int):
         self.marker = cfg.image_marker
+        root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
+        if cfg.streaming and not cfg.val_path:
+            raise ValueError("data.dataset.streaming=true needs data.dataset.val_path: a stream is never held out from")
+        if cfg.streaming and split == "train":
+            check_file(cfg.path)
+            with open(cfg.path, "rb") as f:
+                if f.read(4096).lstrip().startswith(b"["):
+                    raise ValueError(f"data.dataset.streaming=true reads JSONL (one record per line); {cfg.path} is a "
+                                     "JSON array: convert it, or train without streaming")  # fmt: skip
+            self.stream = JsonlSource(cfg.path)
+            super().__init__([], [], root)
+            return
         own_file = split == "train" or not cfg.val_path
         records = read_records(cfg.path if own_file else cfg.val_path)
         if cfg.val_path:
             positions = list(range(len(records)))
         else:
             positions = holdout_split(len(records), cfg.val_fraction, cfg.seed, split)
-        root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
         super().__init__(records, positions, root, cfg.max_val_samples if split != "train" else None)
 
     def to_raw(self, record, label: str) -> dict:

@@ -25,6 +25,16 @@ class RecordsConfig:
     val_fraction: float = 0.05  # held out of the training records (seeded) when no separate validation data
     max_val_samples: int | None = 1000  # evaluate on at most this many validation records
     seed: int = 0  # which records are held out
+    streaming: bool = False  # training records read as they come (data larger than memory); validation in memory
+    shuffle_window: int = 1000  # streaming: records shuffled together (at most one window is re-read on resume)
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A JSONL line that is not JSON: kept as a record, so it becomes one counted bad sample, not a crash."""
+
+    where: str  # "line 12" or (streaming) "the line at byte 3456"
+    error: str
 
 
 def holdout_split(num_records: int, fraction: float, seed: int, split: str) -> list[int]:
@@ -48,9 +58,14 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
+    stream = None  # streaming training split: the records' source (streaming.py); the dataset then holds none
+
     def __getitem__(self, index: int) -> dict:
         position = self.positions[index]
-        record = self.records[position]
+        return self.raw_sample(self.records[position], position, index)
+
+    def raw_sample(self, record, position: int, index: int) -> dict:
+        """One record as a raw sample; `position` in the source names it when it has no id."""
         record_id = record.get("id") if isinstance(record, dict) else None
         label = sample_label(index, {"id": record_id if record_id is not None else f"record {position}"})
         try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vlm.data.llava import BadLine
+from vlm.data.records import BadLine
 
 
 class JsonlSource:
@@ -66,7 +66,8 @@ class StreamPosition:
 
 
 class WindowShuffledStream:
-    """`take(n)` hands out the next n records of the shuffled stream; `position` is where the next take starts."""
+    """`take(n)` hands out the next n (record number in the source, record) pairs of the shuffled stream;
+    `position` is where the next take starts. Record numbers are the same every epoch: a sample's id."""
 
     def __init__(self, source, window: int, seed: int, position: StreamPosition | None = None):
         self.source, self.window_size, self.seed = source, window, seed
@@ -94,8 +95,9 @@ class WindowShuffledStream:
 
     def _fill(self) -> None:
         records, after = [], self.position.window_start
+        first = self.position.window * self.window_size  # the window's first record's number in the source
         for record, after in self._reader:
-            records.append(record)
+            records.append((first + len(records), record))
             if len(records) == self.window_size:
                 break
         if not records:  # the source is exhausted: the next epoch

@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,9 +24,10 @@ from vlm.build import build_components, validate_config
 from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.collate import Collator, filler_sample
-from vlm.data.datasets import EncodedDataset
+from vlm.data.datasets import EncodedDataset, encode_or_skip
 from vlm.data.lengths import sample_lengths
 from vlm.data.packing import pack_samples
+from vlm.data.streaming import StreamPosition, WindowShuffledStream
 from vlm.pretrained import save_pretrained
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
 from vlm.training.batching import StepSampler, Throughput, computed_tokens, step_loader
@@ -125,6 +128,7 @@ class Trainer:
         self.filler = filler_sample(self.parts.tokenizer.pad_token_id, model.cfg.vision.image_size)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", tc.keep_last, tc.best_metric, self.is_main)
         self.first_step_samples, self.peak_memory = None, 0
+        self.stream_position: StreamPosition | None = None  # streaming: where the next step's records start
         self.step, self.bad_in_a_row, self.bad_total = 0, 0, 0
         data = self.parts.data
         self.data_skips = SkipTally(data.on_error, data.max_skip_fraction, data.skip_check_after)
@@ -251,6 +255,8 @@ class Trainer:
 
     def batches(self):
         data = self.parts.data
+        if getattr(self.parts.train_set, "stream", None) is not None:
+            return self._streamed_steps()
         lengths = None
         if data.batching == "grouped":
             lengths = sample_lengths(self.parts.train_set, self.parts.processor, data.num_workers, self.is_main)
@@ -260,6 +266,20 @@ class Trainer:
         )  # fmt: skip
         encoded = EncodedDataset(self.parts.train_set, self.parts.processor)
         return iter(step_loader(encoded, sampler, self.parts.data.num_workers, self.accelerator.device.type == "cuda"))
+
+    def _streamed_steps(self):
+        """Each step: the stream's next global batch (every process reads it and takes its share), encoded here.
+        `stream_position` is then where the step after this one starts: what a checkpoint of this step saves."""
+        if self.parts.data.batching == "grouped":
+            raise ValueError("data.batching=grouped needs every sample's length up front, which a stream does not "
+                             "have; use padded or packed with data.dataset.streaming=true")  # fmt: skip
+        train_set, dataset_cfg = self.parts.train_set, self.parts.data.dataset
+        stream = WindowShuffledStream(train_set.stream, dataset_cfg.shuffle_window, self.train_cfg.seed, self.stream_position)
+        while True:
+            taken = stream.take(self.train_cfg.global_batch_size)
+            self.stream_position = replace(stream.position)
+            share = taken[self.rank :: self.world_size]
+            yield [encode_or_skip(self.parts.processor, partial(train_set.raw_sample, record, n, n), n) for n, record in share]
 
     def fit(self) -> dict:
         tc = self.train_cfg
@@ -365,6 +385,7 @@ class Trainer:
             "bad_steps_in_a_row": self.bad_in_a_row,
             "bad_steps_total": self.bad_total,
             "data_skips": self.data_skips.state_dict(),
+            "stream_position": self.stream_position.state_dict() if self.stream_position else None,
         }
         (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))  # last: marks completion
 
@@ -393,6 +414,8 @@ class Trainer:
         self.bad_in_a_row, self.bad_total = trainer_state["bad_steps_in_a_row"], trainer_state["bad_steps_total"]
         if "data_skips" in trainer_state:  # checkpoints from before bad-sample skipping have none
             self.data_skips.load_state_dict(trainer_state["data_skips"])
+        if trainer_state.get("stream_position"):
+            self.stream_position = StreamPosition(**trainer_state["stream_position"])
         log.info("resumed from %s at step %d", directory, self.step)
 
     def _restore_rng(self, saved: list[dict] | dict) -> None:
