@@ -1,12 +1,12 @@
 """Padded vs grouped vs packed batching on a corpus whose samples run from ~40 to ~1,000 tokens, and the
 data-wait fraction with and without DataLoader workers.
 
-    python bench/batching.py [--records 800] [--steps 30] [train.py overrides ...]
+    python bench/batching.py [--records 800] [--steps 30] [--batch-sizes 16,32] [train.py overrides ...]
 
 The corpus is Shapes VQA in LLaVA format (vlm.data.shapes_export) with one more turn per record: a description
 whose length is drawn uniformly, so token lengths spread evenly over 40..1000. Each mode trains `--steps` steps of
-`llava_tiny` with data.max_length=1024 and reports metrics.json's real_token_fraction (real tokens / computed
-tokens), real_tokens_per_s and data_wait_fraction. Then `llava_tiny` (on a plain 3,000-record export) and `shapes`
+`llava_tiny` with data.max_length=1024 at each global batch size and reports metrics.json's real_token_fraction
+(real tokens / computed tokens), real_tokens_per_s and data_wait_fraction. Then `llava_tiny` (on a plain 3,000-record export) and `shapes`
 with 0 and 2 DataLoader workers, for the data-wait fraction. Runs go under /tmp/bench_batching.
 """
 
@@ -50,17 +50,20 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=800)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-sizes", default="16,32", help="global batch sizes (packing fills rows better with more)")
     args, overrides = parser.parse_known_args(argv)
     corpus = spread_corpus(args.records)
     common = ["+experiment=llava_tiny", f"data.dataset.path={corpus}", "data.max_length=1024", "data.tokenizer.vocab_size=1000",
-              f"train.max_steps={args.steps}", "train.eval_every=0", "train.log_every=1", "train.global_batch_size=16",
+              f"train.max_steps={args.steps}", "train.eval_every=0", "train.log_every=1",
               "data.dataset.max_val_samples=16", *overrides]  # fmt: skip
-    for mode in ["padded", "grouped", "packed"]:
-        print(json.dumps(train(mode, [*common, f"data.batching={mode}"])), flush=True)
+    for batch in map(int, args.batch_sizes.split(",")):
+        for mode in ["padded", "grouped", "packed"]:
+            run = [*common, f"train.global_batch_size={batch}", f"data.batching={mode}"]
+            print(json.dumps({"global_batch_size": batch, **train(f"{mode}_{batch}", run)}), flush=True)
     shapes = ["+experiment=shapes", f"train.max_steps={args.steps}", "train.eval_every=0", "train.log_every=1",
               "data.dataset.val_size=16", *overrides]  # fmt: skip
     plain = export(OUT / "plain", records=3000, image_size=64)  # the llava_tiny experiment's usual corpus
-    llava = ["+experiment=llava_tiny", f"data.dataset.path={plain}", *shapes[1:4], *overrides]
+    llava = ["+experiment=llava_tiny", f"data.dataset.path={plain}", *shapes[1:4], *overrides]  # its own batch size
     for experiment, base in [("llava_tiny", llava), ("shapes", shapes)]:
         for workers in [0, 2]:
             print(json.dumps(train(f"{experiment}_workers_{workers}", [*base, f"data.num_workers={workers}"])), flush=True)
