@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from tests.conftest import TINY_VIT, make_trainer
+from tests.conftest import make_trainer
 from vlm.training.batching import StepSampler
 
 _rng = random.Random(0)
