@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import compose_config, new_trainer
 from tests.test_resume import StopAfter, assert_bitwise_equal, losses, params
+from vlm.data.check import main as check_main
 from vlm.data.records import BadLine
 from vlm.data.shapes_export import export
 from vlm.data.streaming import IterableSource, JsonlSource, StreamPosition, WindowShuffledStream
@@ -102,3 +103,10 @@ def test_a_streamed_hf_dataset_trains_and_saves_its_own_state(tmp_path):
     assert metrics["steps"] == 3 and not metrics["data_skipped"]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["stream_position"]["window"] == 1 and "examples_iterable" in state["stream_position"]["window_start"]
+
+
+def test_the_load_check_refuses_a_stream_with_a_clear_message(tmp_path, capsys):
+    corpus = export(tmp_path / "corpus", records=8, image_size=32, jsonl=True)
+    code = check_main(["+experiment=llava_tiny", f"data.dataset.path={corpus}", f"data.dataset.val_path={corpus}",
+                       "data.dataset.streaming=true"])  # fmt: skip
+    assert code == 2 and "data.dataset.streaming=false" in capsys.readouterr().err

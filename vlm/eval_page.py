@@ -7,6 +7,7 @@ what a person opens the page for.
 
 import base64
 import io
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +86,7 @@ def write_eval_page(path: Path, title: str, source: str, summary: dict, predicti
                     max_rows: int) -> None:  # fmt: skip
     """`samples_by_index(i)`: the raw sample of prediction index i (its images are read again for the page)."""
     shown = sorted(predictions, key=lambda p: (p["correct"], p["index"]))[:max_rows]
-    kind_counts: dict[str, int] = {}
-    for p in predictions:
-        kind_counts[p["kind"]] = kind_counts.get(p["kind"], 0) + 1
+    kind_counts = Counter(p["kind"] for p in predictions)
     page = PAGE.render(
         title=title, source=source, summary=summary, fmt=_fmt, kind_counts=kind_counts,
         rows=[_row(p, samples_by_index(p["index"])) for p in shown], wrong=sum(not p["correct"] for p in shown),
