@@ -117,6 +117,32 @@ def missing_cpu_compiler() -> str | None:
     return None
 
 
+def tolerate_unbound_cache_guards() -> None:
+    """A cached graph whose shape guards cannot be evaluated is a cache miss, not a crash.
+
+    Inductor (torch 2.14) can store a backward graph in its FX graph cache with a guard on a symbol that is not
+    among the backward's inputs, written with the forward argument's name (packed batches:
+    `L['attention_mask'].size()[0]`, the row count). A later lookup of that entry, in a process whose
+    AOTAutograd cache misses (a changed forward, another run sharing the cache directory), evaluates the guard
+    with the backward's inputs only and fails the compile with `KeyError: 'attention_mask'`. Such a guard can
+    never hold for the arguments given, so the entry does not match and the graph is compiled anew.
+    See TROUBLESHOOTING.md#keyerror-from-inductors-graph-cache.
+    """
+    shape_env = torch.fx.experimental.symbolic_shapes.ShapeEnv
+    evaluate = shape_env.evaluate_guards_expression
+    if getattr(evaluate, "tolerates_unbound", False):
+        return
+
+    def evaluate_or_miss(self, code: str, args) -> bool:
+        try:
+            return evaluate(self, code, args)
+        except (KeyError, NameError):
+            return False
+
+    evaluate_or_miss.tolerates_unbound = True
+    shape_env.evaluate_guards_expression = evaluate_or_miss
+
+
 def mode_for_device(mode: str, device: torch.device) -> str:
     """`mode`, or `off` with a warning when compiling for the CPU is impossible here, so a default config that
     compiles still trains on a machine without a C++ compiler instead of failing at the first step."""
@@ -137,6 +163,8 @@ def apply_compile(model: nn.Module, mode: str) -> None:
     """Apply `mode` to a VisionLanguageModel in place."""
     if mode not in MODES:
         raise ValueError(f"train.compile={mode!r} is not one of: {', '.join(MODES)}")
+    if mode != "off":
+        tolerate_unbound_cache_guards()
     if mode == "core":
         # Inductor's CPU layout optimisation makes convolutions channels-last, but fake tensors cannot
         # predict a convolution's output strides over an unbacked image count (see
