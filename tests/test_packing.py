@@ -18,7 +18,7 @@ from vlm.build import build_components
 from vlm.compile_policy import apply_compile
 from vlm.data.chat_format import IGNORE_INDEX
 from vlm.data.collate import Collator
-from vlm.data.packing import first_fit_decreasing, pack_samples
+from vlm.data.packing import balanced_bins, first_fit_decreasing, pack_samples
 
 BUDGET = 256
 
@@ -61,8 +61,26 @@ def test_first_fit_decreasing_fills_rows_within_the_budget():
     assert sum(lengths) / (len(bins) * BUDGET) > 0.9
 
 
+def test_balanced_rows_keep_the_row_count_and_pad_far_less():
+    """Steps of 16 samples of 40..1,000 tokens into rows of at most 1,024: as many rows as full-budget rows,
+    none longer than the budget, and padded to the longest row they hold more real tokens."""
+    rng = random.Random(0)
+    full_fill, balanced_fill = [], []
+    for _ in range(50):
+        lengths = [rng.randint(40, 1000) for _ in range(16)]
+        full, balanced = first_fit_decreasing(lengths, 1024), balanced_bins(lengths, 1024)
+        rows = [sum(lengths[i] for i in b) for b in balanced]
+        assert sorted(i for b in balanced for i in b) == list(range(16))
+        assert len(balanced) == len(full) and max(rows) <= 1024
+        full_fill.append(sum(lengths) / (len(full) * 1024))
+        balanced_fill.append(sum(lengths) / (len(balanced) * max(rows)))
+        assert balanced_fill[-1] >= full_fill[-1]
+    # Measured: 0.922 against 0.879 (the last row of a step is what full-budget rows waste).
+    assert sum(balanced_fill) / 50 > 0.91 and sum(full_fill) / 50 < 0.89
+
+
 def test_packed_rows_give_every_sample_its_own_logits_loss_and_gradient(parts):
-    model, collate = parts.model, Collator(parts.tokenizer.pad_token_id, "right", BUDGET)
+    model, collate = parts.model, Collator(parts.tokenizer.pad_token_id)
     samples = encoded(parts, range(9))
     for sample in samples:  # a first token labelled as supervised: no previous token may predict it, packed or not
         sample.labels[0] = sample.input_ids[0]
@@ -92,7 +110,7 @@ def test_packed_rows_give_every_sample_its_own_logits_loss_and_gradient(parts):
 
 def test_a_token_never_sees_another_sample_of_its_row(parts):
     """Causal order alone hides later samples; block attention must also hide the earlier ones."""
-    model, collate = parts.model, Collator(parts.tokenizer.pad_token_id, "right", BUDGET * 2)
+    model, collate = parts.model, Collator(parts.tokenizer.pad_token_id)
     first, second, other = encoded(parts, [0, 1, 2])
     with torch.no_grad():
         row = pack_samples([first, second], BUDGET * 2)[0]
@@ -110,7 +128,7 @@ def compiled_warm_up(parts) -> tuple[torch.nn.Module, Collator]:
     counters.clear()
     model = copy.deepcopy(parts.model)
     apply_compile(model, "core")
-    collate = Collator(parts.tokenizer.pad_token_id, "right", BUDGET)
+    collate = Collator(parts.tokenizer.pad_token_id)
     for indices in [range(2), range(40, 56)]:
         model(collate(pack_samples(encoded(parts, indices), BUDGET))).loss_sum.backward()
     return model, collate

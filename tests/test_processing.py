@@ -36,6 +36,18 @@ def test_literal_special_token_text_stays_plain_text(tiny):
     assert question in tokenizer.decode(ids)
 
 
+def test_text_ids_equal_the_tokenizers_own_call(tiny):
+    """text_ids calls the Rust backend directly (speed); it must give what transformers' call gives, and must not
+    leave the tokenizer splitting special tokens for other callers."""
+    tokenizer, chat_format = tiny.tokenizer, tiny.processor.chat_format
+    texts = ["What colour is the square?", "  two  spaces\nand a newline", "Ωmega 漢字 ✓", "<|im_end|> <image> <|bos|>", ""]
+    for text in texts:
+        expected = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert chat_format.text_ids(text) == expected, text
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"] == [end_of_turn]
+
+
 def test_local_tokenizer_encodes_unseen_text_losslessly(tiny):
     text = "Zebra Ωmega 漢字 ✓ <image>"
     ids = tiny.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -16,7 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from tests.conftest import TINY, compose_config, new_trainer
 from vlm.build import build_components
+from vlm.data.bad_samples import SkippedSample
 from vlm.data.collate import Collator
+from vlm.data.processing import EncodedSample
+from vlm.data.transfer import StepSamples
 from vlm.training.batching import StepSampler
 from vlm.pretrained import load_pretrained
 from vlm.training.evaluation import normalise_answer
@@ -107,13 +110,32 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(short_run, tmp_p
 
 
 def test_data_loader_workers_give_the_same_steps(tmp_path):
-    """data.num_workers=2 encodes in worker processes: the same samples, in the same order, as the main process."""
-    def first_steps(workers: int) -> list[list[list[int]]]:
+    """data.num_workers=2 encodes in worker processes (each step sent as a few concatenated tensors): the same
+    samples, in the same order, as the main process."""
+    def first_steps(workers: int) -> list[list[tuple]]:
         trainer = new_trainer(compose_config("train.global_batch_size=4", f"data.num_workers={workers}"), tmp_path / str(workers))
         batches = trainer.batches()
-        return [[s.input_ids.tolist() for s in next(batches)] for _ in range(3)]
+        return [[sample_fields(s) for s in next(batches)] for _ in range(3)]
 
     assert first_steps(2) == first_steps(0)
+
+
+def sample_fields(sample: EncodedSample | SkippedSample) -> tuple:
+    if isinstance(sample, SkippedSample):
+        return (sample,)
+    return sample.index, sample.input_ids.tolist(), sample.labels.tolist(), sample.pixel_values.tolist(), sample.num_images
+
+
+def test_a_step_crosses_processes_as_concatenated_tensors_and_comes_back_whole():
+    def encoded(index: int, length: int, views: int) -> EncodedSample:
+        ids = torch.arange(length) + index
+        return EncodedSample(index, ids, ids * 2, torch.rand(views, 3, 4, 4), num_images=min(views, 1))
+
+    step = [encoded(3, 5, 1), SkippedSample(7, "record 7", "bad_image", "truncated"), encoded(1, 2, 0), encoded(9, 4, 5)]
+    flat = StepSamples.of(step)
+    assert flat.input_ids.shape == (11,) and flat.pixel_values.shape == (6, 3, 4, 4)  # 3 tensors, not 9
+    assert [sample_fields(s) for s in flat.samples()] == [sample_fields(s) for s in step]
+    assert StepSamples.of(step[1:2]).samples() == step[1:2]  # a step of bad samples only
 
 
 def test_epochs_wrap_around_with_a_new_order_and_every_sample_once():

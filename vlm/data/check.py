@@ -27,6 +27,7 @@ from vlm.config import CONFIG_DIR
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.datasets import EncodedDataset
 from vlm.data.processing import SampleProcessor
+from vlm.data.transfer import StepSamples
 
 
 
@@ -54,8 +55,10 @@ class SplitReport:
 def check_split(dataset: Dataset, processor: SampleProcessor, num_workers: int, name: str = "") -> SplitReport:
     """Encode every sample of `dataset` as training would; count the bad ones by reason."""
     report, start = SplitReport(records=len(dataset)), time.perf_counter()
-    loader = DataLoader(EncodedDataset(dataset, processor), batch_size=32, collate_fn=list, num_workers=num_workers)
-    for batch in tqdm(loader, desc=f"check {name}", total=len(loader), dynamic_ncols=True):
+    encoded = EncodedDataset(dataset, processor)
+    loader = DataLoader(encoded, batch_size=32, collate_fn=StepSamples.of, num_workers=num_workers)
+    for step in tqdm(loader, desc=f"check {name}", total=len(loader), dynamic_ncols=True):
+        batch = step.samples()
         report.bad.record([s for s in batch if isinstance(s, SkippedSample)])
         for sample in batch:
             if not isinstance(sample, SkippedSample):

@@ -4,7 +4,7 @@ Padding is masked by position: `attention_mask` is 0 and labels are IGNORE_INDEX
 positions, whatever the pad id is (it often equals EOS, so comparing ids would mask real EOS).
 Samples with nothing to learn from are reported and left out by the trainer, before collation.
 Packed rows (packing.py) bring their own restarting `position_ids`; the padding after them restarts too (a
-segment of its own), and `pad_to` fixes their length at the token budget.
+segment of its own).
 """
 
 from dataclasses import dataclass
@@ -19,10 +19,9 @@ from vlm.data.processing import EncodedSample
 class Collator:
     pad_token_id: int
     padding_side: str = "right"  # right for training; left for generation
-    pad_to: int | None = None  # every batch this long (packed rows: the token budget), unless a sample is longer
 
     def __call__(self, samples: list[EncodedSample]) -> dict:
-        longest = max([len(s.input_ids) for s in samples] + [self.pad_to or 0])
+        longest = max((len(s.input_ids) for s in samples), default=0)
         batch_size = len(samples)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)

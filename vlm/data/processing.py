@@ -31,11 +31,6 @@ class EncodedSample:
     def sample_ids(self) -> tuple[int, ...]:
         return self.members or (self.index,)
 
-    def pin_memory(self) -> "EncodedSample":
-        """Called by DataLoader(pin_memory=True) on each sample (CUDA)."""
-        pinned = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return EncodedSample(**pinned)
-
     @property
     def num_supervised(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vlm.data.transfer import StepSamples
+
 
 class StepSampler(Sampler[list[int]]):
     """Yields, for steps start_step, start_step+1, ..., the dataset indices this process uses."""
@@ -69,33 +71,35 @@ class StepSampler(Sampler[list[int]]):
         return 2**62
 
 
-def step_loader(dataset: Dataset, sampler: StepSampler, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def step_loader(dataset: Dataset, sampler: StepSampler, num_workers: int, pin_memory: bool = False) -> Iterator[list]:
     """One item per step: the list of encoded samples of this process's share, uncollated.
 
     Collation happens per micro-batch, after the trainer has chosen the micro-batch size. With workers,
-    images are decoded and text tokenized off the main process, `prefetch_factor` steps ahead per worker.
+    images are decoded and text tokenized off the main process, `prefetch_factor` steps ahead per worker, and
+    each step travels as a few concatenated tensors (vlm/data/transfer.py).
     """
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         # Its own generator: creating the iterator then draws no number from the global RNG, so a
         # resumed run's dropout/sampling RNG continues exactly where the checkpoint left it.
         generator=torch.Generator().manual_seed(sampler.seed),
-        collate_fn=list,
+        collate_fn=StepSamples.of,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
-        pin_memory=pin_memory,  # EncodedSample.pin_memory: page-locked host tensors copy to the GPU asynchronously
+        pin_memory=pin_memory,  # StepSamples.pin_memory: page-locked host tensors copy to the GPU asynchronously
     )
+    return (step.samples() for step in loader)
 
 
-def computed_tokens(units: Sequence, micro_batch_size: int, pad_to: int | None = None) -> int:
+def computed_tokens(units: Sequence, micro_batch_size: int) -> int:
     """Token positions the forward computes for these samples (or packed rows) in micro-batches of this size:
-    each micro-batch is padded to its longest (or to `pad_to`)."""
+    each micro-batch is padded to its longest."""
     total = 0
     for start in range(0, len(units), micro_batch_size):
         chunk = units[start : start + micro_batch_size]
-        total += len(chunk) * max([len(u.input_ids) for u in chunk] + [pad_to or 0])
+        total += len(chunk) * max(len(u.input_ids) for u in chunk)
     return total
 
 

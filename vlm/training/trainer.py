@@ -122,8 +122,7 @@ class Trainer:
         if self.accumulator.micro_batch_size < self.share or self.accumulator.simulate or self.world_size > 1:
             warn_if_batch_norm(model)
         self.packed = self.parts.data.batching == "packed"
-        # Packed rows all have the token budget's length: one sequence length for the whole run.
-        self.collator = Collator(self.parts.tokenizer.pad_token_id, "right", self.parts.data.max_length if self.packed else None)
+        self.collator = Collator(self.parts.tokenizer.pad_token_id, "right")
         self.throughput = Throughput()
         self.filler = filler_sample(self.parts.tokenizer.pad_token_id, model.cfg.vision.image_size)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", tc.keep_last, tc.best_metric, self.is_main)
@@ -194,7 +193,7 @@ class Trainer:
             per_process_tokens, self.filler,
         )  # fmt: skip
         (total,) = self._all_processes_sum(0.0 if loss_sum is None else loss_sum)
-        computed = computed_tokens(units, self.accumulator.micro_batch_size, self.collator.pad_to)
+        computed = computed_tokens(units, self.accumulator.micro_batch_size)
         return total / step_tokens, step_tokens, computed
 
     def train_step(self, samples: list) -> dict:
@@ -265,7 +264,7 @@ class Trainer:
             self.rank, self.world_size, lengths, data.group_steps,
         )  # fmt: skip
         encoded = EncodedDataset(self.parts.train_set, self.parts.processor)
-        return iter(step_loader(encoded, sampler, self.parts.data.num_workers, self.accelerator.device.type == "cuda"))
+        return step_loader(encoded, sampler, self.parts.data.num_workers, self.accelerator.device.type == "cuda")
 
     def _streamed_steps(self):
         """Each step: the stream's next global batch (every process reads it and takes its share), encoded here.
