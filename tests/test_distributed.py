@@ -133,6 +133,17 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert two["val_accuracy"] == one["val_accuracy"] and two["val_accuracy_samples"] == one["val_accuracy_samples"]
 
 
+def test_two_processes_packing_train_like_one_padded(one_process, tmp_path):
+    """Each process packs its own share into rows, one row per micro-batch; a process with fewer rows runs
+    zero-weight filler micro-batches (unpacked), so both run the same number of forwards and all-reduces. The
+    reference is the one-process padded run: same samples per step, same token-mean loss."""
+    packed = launch(tmp_path, [*SHAPES, "data.batching=packed", "train.micro_batch_size=1"])
+    assert packed.metrics["world_size"] == 2
+    assert packed.metrics["real_token_fraction"] > one_process.metrics["real_token_fraction"]
+    assert_close(one_process.losses, packed.losses)
+    assert_same_weights(one_process.weights(), packed.weights())
+
+
 def test_accelerate_launch_that_starts_one_process_is_an_error(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts a single process: refused, not a quiet 1-process run."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",

@@ -91,12 +91,7 @@ def test_a_streaming_run_resumes_with_the_samples_of_the_straight_run(tmp_path):
 
 def test_a_streamed_hf_dataset_trains_and_saves_its_own_state(tmp_path):
     """data=hf with streaming: a save_to_disk dataset read as an IterableDataset; its state_dict is the position."""
-    rows = {"question": [f"What is {i} plus one?" for i in range(40)], "answer": [str(i + 1) for i in range(40)]}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(tmp_path / "hf")
-    data = [f"data.dataset.path={tmp_path / 'hf'}", "data.dataset.val_split=validation", "data.dataset.streaming=true",
-            "data.dataset.shuffle_window=8", "data.dataset.max_val_samples=4"]  # fmt: skip
-    cfg = compose_config("train.max_steps=3", "train.global_batch_size=4", "train.eval_every=0", "train.save_every=3",
-                         "train.best_metric=null", "data=hf", experiment="llava_tiny", data=data)  # fmt: skip
+    cfg = hf_streaming_config(tmp_path)
     trainer = new_trainer(cfg, tmp_path / "run")
     assert isinstance(trainer.parts.train_set.stream, IterableSource) and len(trainer.parts.val_set) == 4
     metrics = trainer.fit()
@@ -110,3 +105,31 @@ def test_the_load_check_refuses_a_stream_with_a_clear_message(tmp_path, capsys):
     code = check_main(["+experiment=llava_tiny", f"data.dataset.path={corpus}", f"data.dataset.val_path={corpus}",
                        "data.dataset.streaming=true"])  # fmt: skip
     assert code == 2 and "data.dataset.streaming=false" in capsys.readouterr().err
+
+
+def hf_streaming_config(tmp_path, *extra):
+    """data=hf with streaming: a save_to_disk dataset (40 question-answer rows) read as an IterableDataset."""
+    rows = {"question": [f"What is {i} plus one?" for i in range(40)], "answer": [str(i + 1) for i in range(40)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(tmp_path / "hf")
+    data = [f"data.dataset.path={tmp_path / 'hf'}", "data.dataset.val_split=validation", "data.dataset.streaming=true",
+            "data.dataset.shuffle_window=8", "data.dataset.max_val_samples=4"]  # fmt: skip
+    return compose_config("train.max_steps=3", "train.global_batch_size=4", "train.eval_every=0", "train.save_every=3",
+                          "train.best_metric=null", "data=hf", *extra, experiment="llava_tiny", data=data)  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["jsonl", "hf"])
+def test_workers_encode_a_stream_in_the_main_processs_order(tmp_path, source):
+    """data.num_workers=2 with a stream: each worker reads the whole stream and encodes every other step; the
+    steps and positions come back as the main process alone makes them (an HF stream is not split by worker)."""
+    corpus = export(tmp_path / "corpus", records=30, image_size=32, jsonl=True)
+
+    def first_steps(workers: int) -> list:
+        if source == "hf":
+            trainer = new_trainer(hf_streaming_config(tmp_path, f"data.num_workers={workers}"), tmp_path / f"run{workers}")
+            assert isinstance(trainer.parts.train_set.stream, IterableSource)
+        else:
+            trainer = streaming_trainer(tmp_path / f"run{workers}", corpus, f"data.num_workers={workers}")
+        batches = trainer.batches()
+        return [([s.index for s in next(batches)], trainer.stream_position) for _ in range(5)]
+
+    assert first_steps(2) == first_steps(0)

@@ -42,7 +42,10 @@ class JsonlSource:
 
 
 class IterableSource:
-    """A `datasets.IterableDataset`; positions are its own `state_dict()`, taken after each record it yields."""
+    """A `datasets.IterableDataset`; positions are its own `state_dict()`, taken after each record it yields.
+
+    Read through `iter(batch_size=1)`: iterated plainly inside a DataLoader worker, the dataset would give each
+    worker only its own shards, while every worker must read the whole stream (see StreamedSteps)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -50,8 +53,8 @@ class IterableSource:
 
     def read(self, position: dict | None) -> Iterator[tuple[Any, dict]]:
         self.dataset.load_state_dict(position if position is not None else self.start)
-        for record in self.dataset:
-            yield record, self.dataset.state_dict()
+        for batch in self.dataset.iter(batch_size=1):
+            yield {column: values[0] for column, values in batch.items()}, self.dataset.state_dict()
 
 
 @dataclass

@@ -13,13 +13,16 @@ samples of similar length (little padding), its micro-batches and each process's
 longest step of a group is not always its first.
 """
 
+import itertools
 from collections.abc import Iterator, Sequence
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from vlm.data.datasets import encode_or_skip
+from vlm.data.streaming import StreamPosition, WindowShuffledStream
 from vlm.data.transfer import StepSamples
 
 
@@ -81,16 +84,59 @@ def step_loader(dataset: Dataset, sampler: StepSampler, num_workers: int, pin_me
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        # Its own generator: creating the iterator then draws no number from the global RNG, so a
-        # resumed run's dropout/sampling RNG continues exactly where the checkpoint left it.
-        generator=torch.Generator().manual_seed(sampler.seed),
         collate_fn=StepSamples.of,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-        pin_memory=pin_memory,  # StepSamples.pin_memory: page-locked host tensors copy to the GPU asynchronously
+        **_loader_options(sampler.seed, num_workers, pin_memory),
     )
     return (step.samples() for step in loader)
+
+
+class StreamedSteps(IterableDataset):
+    """A stream's steps: (this process's share of the step, encoded, as StepSamples; the stream position after it).
+
+    With k DataLoader workers, worker w encodes steps w, w+k, w+2k, ...: every worker reads the whole stream
+    (reading a record is cheap, decoding its images is not) and the DataLoader hands the steps back in order,
+    taking from the workers in turn. Every process reads the whole stream too and takes its share of each step.
+    """
+
+    def __init__(self, train_set, processor, global_batch_size: int, window: int, seed: int,
+                 position: StreamPosition | None, rank: int = 0, world_size: int = 1):  # fmt: skip
+        self.train_set, self.processor, self.global_batch_size = train_set, processor, global_batch_size
+        self.window, self.seed, self.position = window, seed, position
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[StepSamples, StreamPosition]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        stream = WindowShuffledStream(self.train_set.stream, self.window, self.seed, self.position)
+        for step in itertools.count():
+            taken = stream.take(self.global_batch_size)
+            if step % workers != worker_id:
+                continue
+            share = taken[self.rank :: self.world_size]
+            read = self.train_set.raw_sample
+            samples = [encode_or_skip(self.processor, partial(read, record, n, n), n) for n, record in share]
+            yield StepSamples.of(samples), replace(stream.position)
+
+
+def streamed_step_loader(steps: StreamedSteps, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Yields (StepSamples, position after the step) in step order."""
+    return DataLoader(steps, batch_size=None, collate_fn=_as_is, **_loader_options(steps.seed, num_workers, pin_memory))
+
+
+def _as_is(item):
+    return item
+
+
+def _loader_options(seed: int, num_workers: int, pin_memory: bool) -> dict:
+    return {
+        # Its own generator: creating the iterator then draws no number from the global RNG, so a
+        # resumed run's dropout/sampling RNG continues exactly where the checkpoint left it.
+        "generator": torch.Generator().manual_seed(seed),
+        "num_workers": num_workers,
+        "persistent_workers": num_workers > 0,
+        "prefetch_factor": 4 if num_workers > 0 else None,
+        "pin_memory": pin_memory,  # StepSamples.pin_memory: page-locked host tensors copy to the GPU asynchronously
+    }
 
 
 def computed_tokens(units: Sequence, micro_batch_size: int) -> int:

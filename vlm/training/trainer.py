@@ -10,8 +10,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,13 +22,13 @@ from vlm.build import build_components, validate_config
 from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.collate import Collator, filler_sample
-from vlm.data.datasets import EncodedDataset, encode_or_skip
+from vlm.data.datasets import EncodedDataset
 from vlm.data.lengths import sample_lengths
 from vlm.data.packing import pack_samples
-from vlm.data.streaming import StreamPosition, WindowShuffledStream
+from vlm.data.streaming import StreamPosition
 from vlm.pretrained import save_pretrained
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
-from vlm.training.batching import StepSampler, Throughput, computed_tokens, step_loader
+from vlm.training.batching import StepSampler, StreamedSteps, Throughput, computed_tokens, step_loader, streamed_step_loader
 from vlm.training.checkpoint_manager import (
     TRAINER_STATE,
     TRAINING_STATE,
@@ -267,18 +265,20 @@ class Trainer:
         return step_loader(encoded, sampler, self.parts.data.num_workers, self.accelerator.device.type == "cuda")
 
     def _streamed_steps(self):
-        """Each step: the stream's next global batch (every process reads it and takes its share), encoded here.
-        `stream_position` is then where the step after this one starts: what a checkpoint of this step saves."""
+        """Each step: the stream's next global batch (every process reads it and takes its share), encoded in the
+        DataLoader's workers. `stream_position` is then where the step after this one starts: what a checkpoint of
+        this step saves."""
         if self.parts.data.batching == "grouped":
             raise ValueError("data.batching=grouped needs every sample's length up front, which a stream does not "
                              "have; use padded or packed with data.dataset.streaming=true")  # fmt: skip
-        train_set, dataset_cfg = self.parts.train_set, self.parts.data.dataset
-        stream = WindowShuffledStream(train_set.stream, dataset_cfg.shuffle_window, self.train_cfg.seed, self.stream_position)
-        while True:
-            taken = stream.take(self.train_cfg.global_batch_size)
-            self.stream_position = replace(stream.position)
-            share = taken[self.rank :: self.world_size]
-            yield [encode_or_skip(self.parts.processor, partial(train_set.raw_sample, record, n, n), n) for n, record in share]
+        data = self.parts.data
+        steps = StreamedSteps(
+            self.parts.train_set, self.parts.processor, self.train_cfg.global_batch_size, data.dataset.shuffle_window,
+            self.train_cfg.seed, self.stream_position, self.rank, self.world_size,
+        )  # fmt: skip
+        for step, position in streamed_step_loader(steps, data.num_workers, self.accelerator.device.type == "cuda"):
+            self.stream_position = position
+            yield step.samples()
 
     def fit(self) -> dict:
         tc = self.train_cfg
