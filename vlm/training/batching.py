@@ -11,6 +11,9 @@ Grouped batching (`lengths` given) keeps that promise: the epoch's permutation i
 steps, whose order inside the group is shuffled with a seed of (seed, epoch, group). A step then holds
 samples of similar length (little padding), its micro-batches and each process's share too, and the
 longest step of a group is not always its first.
+
+A stream (StreamedSteps) has no random access: its steps follow the stream's order, and a checkpoint saves the
+stream's position instead (vlm/data/streaming.py).
 """
 
 import itertools
