@@ -57,8 +57,8 @@ def check_split(dataset: Dataset, processor: SampleProcessor, num_workers: int, 
     report, start = SplitReport(records=len(dataset)), time.perf_counter()
     encoded = EncodedDataset(dataset, processor)
     loader = DataLoader(encoded, batch_size=32, collate_fn=StepSamples.of, num_workers=num_workers)
-    for step in tqdm(loader, desc=f"check {name}", total=len(loader), dynamic_ncols=True):
-        batch = step.samples()
+    for chunk in tqdm(loader, desc=f"check {name}", total=len(loader), dynamic_ncols=True):
+        batch = chunk.samples()
         report.bad.record([s for s in batch if isinstance(s, SkippedSample)])
         for sample in batch:
             if not isinstance(sample, SkippedSample):

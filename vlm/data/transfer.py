@@ -26,9 +26,7 @@ class StepSamples:
     @classmethod
     def of(cls, samples: list) -> "StepSamples":
         """A DataLoader `collate_fn`: the step's samples (EncodedSample or SkippedSample), concatenated."""
-        encoded = [s for s in samples if isinstance(s, EncodedSample)]
-        if any(s.position_ids is not None or s.members for s in encoded):
-            raise ValueError("StepSamples carries samples, not packed rows (packing happens in the trainer)")
+        encoded = [s for s in samples if isinstance(s, EncodedSample)]  # samples: rows are packed after the trip
         return cls(
             input_ids=_cat([s.input_ids for s in encoded]),
             labels=_cat([s.labels for s in encoded]),
