@@ -136,7 +136,7 @@ def compiled_warm_up(parts) -> tuple[torch.nn.Module, Collator]:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_packing_has_no_graph_breaks_or_recompiles(parts, monkeypatch):
-    """The packed length is the token budget; the sample count per row and row count per batch vary."""
+    """Row length (at most the token budget), samples per row and rows per batch all vary from step to step."""
     model, collate = compiled_warm_up(parts)
     warm = counters["stats"]["unique_graphs"]
     assert warm > 0 and not counters["graph_break"]

@@ -39,7 +39,7 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     chat: ChatFormatConfig = field(default_factory=ChatFormatConfig)
     max_length: int = 256
-    batching: str = "padded"  # padded | grouped (similar lengths per step) | packed (rows of max_length tokens)
+    batching: str = "padded"  # padded | grouped (similar lengths per step) | packed (samples share rows of at most max_length tokens)
     group_steps: int = 16  # grouped: steps whose samples are sorted by length together
     num_workers: int = 0
     image_splitting: ImageSplittingConfig = field(default_factory=ImageSplittingConfig)
