@@ -37,6 +37,11 @@ def gradients_with_micro_batch(trainer, samples, micro_batch_size: int) -> dict:
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
+def collate_ids(chunk: list[int]) -> dict:
+    """Samples that are bare integers, one per row."""
+    return {"input_ids": torch.tensor(chunk).view(-1, 1)}
+
+
 def test_gradients_are_identical_for_every_micro_batch_split(trainer):
     processor = trainer.parts.processor
     samples = [processor(conversation(i, words), i) for i, words in enumerate([1, 12, 2, 30, 1, 7, 3, 20])]
@@ -72,8 +77,7 @@ def test_back_off_halves_the_micro_batch_and_replays(where):
 
     accumulator = MicroBatchAccumulator(8, SimulatedOOM(max_samples=2, where=where))
     zeroed = []
-    collate = lambda chunk: {"input_ids": torch.tensor(chunk).view(-1, 1)}
-    total = accumulator.run(1, list(range(8)), collate, loss_sum, lambda loss: loss.backward(), lambda: zeroed.append(1))
+    total = accumulator.run(1, list(range(8)), collate_ids, loss_sum, lambda loss: loss.backward(), lambda: zeroed.append(1))
     assert float(total) == sum(range(8))  # every sample once
     assert [(b.old_micro_batch_size, b.new_micro_batch_size) for b in accumulator.back_offs] == [(8, 4), (4, 2)]
     assert accumulator.micro_batch_size == 2
@@ -82,9 +86,8 @@ def test_back_off_halves_the_micro_batch_and_replays(where):
 
 def test_out_of_memory_at_micro_batch_one_is_a_clear_error():
     accumulator = MicroBatchAccumulator(2, SimulatedOOM(max_samples=0))
-    collate = lambda chunk: {"input_ids": torch.tensor(chunk).view(-1, 1)}
     with pytest.raises(RuntimeError, match="micro-batch size 1.*TROUBLESHOOTING.md#out-of-memory"):
-        accumulator.run(3, [0, 1], collate, lambda b: b["input_ids"].float().sum(), lambda loss: None, lambda: None)
+        accumulator.run(3, [0, 1], collate_ids, lambda b: b["input_ids"].float().sum(), lambda loss: None, lambda: None)
 
 
 def run_params(tmp_path, *overrides):

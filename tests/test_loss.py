@@ -19,7 +19,9 @@ def loss_and_grads(model, batch):
 
 
 def with_extra_padding(batch: dict, extra: int, side: str, pad_id: int) -> dict:
-    pad = lambda t, value: torch.nn.functional.pad(t, (extra, 0) if side == "left" else (0, extra), value=value)
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (extra, 0) if side == "left" else (0, extra), value=value)
+
     return {
         **batch,
         "input_ids": pad(batch["input_ids"], pad_id),

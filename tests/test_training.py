@@ -20,8 +20,8 @@ from vlm.data.bad_samples import SkippedSample
 from vlm.data.collate import Collator
 from vlm.data.processing import EncodedSample
 from vlm.data.transfer import StepSamples
-from vlm.training.batching import StepSampler
 from vlm.pretrained import load_pretrained
+from vlm.training.batching import StepSampler
 from vlm.training.evaluation import normalise_answer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,6 @@ from vlm.data.processing import SampleProcessor
 from vlm.data.transfer import StepSamples
 
 
-
 @dataclass
 class SplitReport:
     records: int = 0

@@ -28,7 +28,14 @@ from vlm.data.packing import pack_samples
 from vlm.data.streaming import StreamPosition
 from vlm.pretrained import save_pretrained
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM
-from vlm.training.batching import StepSampler, StreamedSteps, Throughput, computed_tokens, step_loader, streamed_step_loader
+from vlm.training.batching import (
+    StepSampler,
+    StreamedSteps,
+    Throughput,
+    computed_tokens,
+    step_loader,
+    streamed_step_loader,
+)
 from vlm.training.checkpoint_manager import (
     TRAINER_STATE,
     TRAINING_STATE,
