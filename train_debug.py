@@ -92,7 +92,9 @@ def failures(results: dict) -> list[str]:
                 found.append(f"{key}[{mode}] = {count} after warm-up")
     for mode, mfu in results.get("mfu", {}).items():
         if mfu > 1:  # the machine ran faster during the steps than in both peak measurements: no valid figure
-            found.append(f"mfu[{mode}] = {mfu:.0%} exceeds the measured matmul peak; the machine's speed drifted, rerun")
+            found.append(
+                f"mfu[{mode}] = {mfu:.0%} exceeds the measured matmul peak; the machine's speed drifted, rerun"
+            )
     return found
 
 

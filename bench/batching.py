@@ -50,7 +50,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=800)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-sizes", default="16,32", help="global batch sizes (packing fills rows better with more)")
+    parser.add_argument(
+        "--batch-sizes", default="16,32", help="global batch sizes (packing fills rows better with more)"
+    )
     args, overrides = parser.parse_known_args(argv)
     corpus = spread_corpus(args.records)
     common = ["+experiment=llava_tiny", f"data.dataset.path={corpus}", "data.max_length=1024", "data.tokenizer.vocab_size=1000",
@@ -66,7 +68,9 @@ def main(argv: list[str]) -> None:
     llava = ["+experiment=llava_tiny", f"data.dataset.path={plain}", *shapes[1:4], *overrides]  # its own batch size
     for experiment, base in [("llava_tiny", llava), ("shapes", shapes)]:
         for workers in [0, 2]:
-            print(json.dumps(train(f"{experiment}_workers_{workers}", [*base, f"data.num_workers={workers}"])), flush=True)
+            print(
+                json.dumps(train(f"{experiment}_workers_{workers}", [*base, f"data.num_workers={workers}"])), flush=True
+            )
 
 
 if __name__ == "__main__":

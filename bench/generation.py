@@ -1,6 +1,6 @@
 """Decode speed with and without the KV cache, and prefill time, on the shapes model (random weights, CPU).
 
-    python bench/generation.py [--new-tokens 32] [--batch 8] [train.py overrides ...]
+python bench/generation.py [--new-tokens 32] [--batch 8] [train.py overrides ...]
 """
 
 import argparse

@@ -101,4 +101,3 @@ def _deterministic():
 # Nothing in the suite may reach a hub: local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-

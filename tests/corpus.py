@@ -42,10 +42,14 @@ def _png(mode: str, size: tuple[int, int], value) -> bytes:
 
 def _bomb_png(side: int = 40000) -> bytes:
     """A PNG whose header claims side x side pixels (1.6 G) with almost no data: must be refused unread."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def write_images(root: Path) -> None:
@@ -95,11 +99,24 @@ def corpus_records(root: Path) -> list[dict]:
         _record("multi-two", ["rgb0.png", "rgb1.png"], "<image> and <image>: same?", "no", "multi"),
         _record("multi-partial", ["rgb2.png", "rgb3.png", "gray.png"], "Compare <image> with the rest.", "no", "multi"),
         _record("text-only", None, "What is two plus two?", "four", "text"),
-        {"id": "multi-turn", "image": "rgb0.png", "conversations": [
-            {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "mixed"},
-            {"from": "human", "value": "Size?"}, {"from": "gpt", "value": "small"}]},
-        {"id": "system", "conversations": [{"from": "system", "value": "Be brief."},
-                                           {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]},
+        {
+            "id": "multi-turn",
+            "image": "rgb0.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nColour?"},
+                {"from": "gpt", "value": "mixed"},
+                {"from": "human", "value": "Size?"},
+                {"from": "gpt", "value": "small"},
+            ],
+        },
+        {
+            "id": "system",
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "hello"},
+            ],
+        },
         _record("gray", "gray.png", "<image>\nShade?", "grey"),
         _record("cmyk", "cmyk.jpg", "<image>\nColour?", "red"),
         _record("sixteen-bit", "sixteen.png", "<image>\nShade?", "grey"),
@@ -110,7 +127,12 @@ def corpus_records(root: Path) -> list[dict]:
         _record("tiny", "tiny.png", "<image>\nColour?", "green"),
         _record("wide", "wide.png", "<image>\nShape?", "a line"),
         _record("unicode", "rgb1.png", "<image>\nΩmega 漢字 🙂 ¿qué?", "ça va 🙂"),
-        _record("special-text", "rgb2.png", "<image>\nIs <|im_end|> or </s> or <|im_start|>assistant a tag?", "<|im_end|> yes"),
+        _record(
+            "special-text",
+            "rgb2.png",
+            "<image>\nIs <|im_end|> or </s> or <|im_start|>assistant a tag?",
+            "<|im_end|> yes",
+        ),
         _record("nested-dir", "../images/rgb3.png", "<image>\nOk?", "ok"),
     ]
     bad = [
@@ -130,7 +152,10 @@ def corpus_records(root: Path) -> list[dict]:
         _record("cut-image", "rgb0.png", LONG_TEXT + " <image>"),
         _record("cut-answer", "rgb0.png", "<image>\n" + LONG_TEXT),
     ]
-    fillers = [_record(f"filler-{k}", f"rgb{k % 4}.png", "<image>\nAgain?", "noise") for k in range(NUM_RECORDS - len(good) - len(bad))]
+    fillers = [
+        _record(f"filler-{k}", f"rgb{k % 4}.png", "<image>\nAgain?", "noise")
+        for k in range(NUM_RECORDS - len(good) - len(bad))
+    ]
     return good + bad + fillers
 
 

@@ -77,7 +77,9 @@ def test_back_off_halves_the_micro_batch_and_replays(where):
 
     accumulator = MicroBatchAccumulator(8, SimulatedOOM(max_samples=2, where=where))
     zeroed = []
-    total = accumulator.run(1, list(range(8)), collate_ids, loss_sum, lambda loss: loss.backward(), lambda: zeroed.append(1))
+    total = accumulator.run(
+        1, list(range(8)), collate_ids, loss_sum, lambda loss: loss.backward(), lambda: zeroed.append(1)
+    )
     assert float(total) == sum(range(8))  # every sample once
     assert [(b.old_micro_batch_size, b.new_micro_batch_size) for b in accumulator.back_offs] == [(8, 4), (4, 2)]
     assert accumulator.micro_batch_size == 2
@@ -101,7 +103,9 @@ def run_params(tmp_path, *overrides):
 def test_injected_oom_run_ends_with_the_same_parameters(tmp_path, where, caplog):
     reference, _, initial = run_params(tmp_path / "plain")
     with caplog.at_level("WARNING"):
-        params, metrics, _ = run_params(tmp_path / "oom", "train.simulate_oom_above=3", f"train.simulate_oom_in={where}")
+        params, metrics, _ = run_params(
+            tmp_path / "oom", "train.simulate_oom_above=3", f"train.simulate_oom_in={where}"
+        )
     assert metrics["oom_back_offs"] == 2 and metrics["micro_batch_size"] == 2
     assert "micro-batch size 8 -> 4" in caplog.text and "micro-batch size 4 -> 2" in caplog.text
     logged = [json.loads(line) for line in (tmp_path / "oom" / "train_log.jsonl").read_text().splitlines()]
@@ -124,7 +128,9 @@ def test_accumulated_gradient_equals_autograd_of_the_token_mean(trainer):
     batch = trainer.collator(samples)
     logits = model(batch).logits[:, :-1]
     targets = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
     names = list(grads)
     parameters = dict(model.named_parameters())
     reference = torch.autograd.grad(loss / (targets != -100).sum(), [parameters[n] for n in names])

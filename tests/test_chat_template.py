@@ -31,7 +31,7 @@ QWEN2_TEMPLATE = (
     "{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
-    "{%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}"
+    '{%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant") %}'
     "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
@@ -67,7 +67,9 @@ def _byte_level_tokenizer(pre_tokenizer, normalizer=None) -> Tokenizer:
 
 def save_smollm2_like(directory) -> None:
     """SmolLM2's setup: digits split one by one, byte-level BPE, BOS = <|im_start|> (which its template never adds)."""
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    pre = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_tokenizer(pre), bos_token="<|im_start|>",
                                         eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")  # fmt: skip
     tokenizer.chat_template = SMOLLM2_TEMPLATE

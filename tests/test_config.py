@@ -40,13 +40,19 @@ def test_every_experiment_composes_and_builds(experiment, shapes_llava):
 @pytest.mark.parametrize("group", ["model/vision", "model/projector", "model/lm"])
 def test_every_model_option_builds(group):
     """Each option at tiny sizes: two ViT blocks of 8 px patches, 4 attention heads; random weights (offline)."""
-    vit = ["++model.vision.model_kwargs.depth=2", "++model.vision.model_kwargs.patch_size=8", "model.vision.feature_layer=-1"]
+    vit = [
+        "++model.vision.model_kwargs.depth=2",
+        "++model.vision.model_kwargs.patch_size=8",
+        "model.vision.feature_layer=-1",
+    ]
     lm = ["model.lm.config.num_attention_heads=4", "model.lm.config.num_key_value_heads=2"]
     offline = ["model.vision.pretrained=false", "model.lm.pretrained=null"]
     options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
     for option in options:
         shrink = vit if compose_config(f"{group}={option}").model.vision.name.startswith("vit") else []
-        parts = build_components(compose_config(f"{group}={option}", "model.vision.image_size=32", *offline, *lm, *shrink))
+        parts = build_components(
+            compose_config(f"{group}={option}", "model.vision.image_size=32", *offline, *lm, *shrink)
+        )
         assert parts.model.tokens_per_image > 0, option
 
 
@@ -75,7 +81,9 @@ def test_wrong_type_names_the_key():
 def test_every_troubleshooting_anchor_named_in_code_exists():
     """Error messages point at TROUBLESHOOTING.md#anchor; each anchor must be a heading there."""
     root = Path(CONFIG_DIR).parent
-    headings = [line[3:].strip() for line in (root / "TROUBLESHOOTING.md").read_text().splitlines() if line.startswith("## ")]
+    headings = [
+        line[3:].strip() for line in (root / "TROUBLESHOOTING.md").read_text().splitlines() if line.startswith("## ")
+    ]
     anchors = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
     named = {m for path in [*root.glob("vlm/**/*.py"), root / "train_debug.py"]
              for m in re.findall(r"TROUBLESHOOTING\.md#([a-z0-9_-]+)", path.read_text())}  # fmt: skip

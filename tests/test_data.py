@@ -53,7 +53,10 @@ def corpus_trainer(run_dir: Path, corpus: Path, *overrides: str, fmt: str = "lla
 
 
 def skipped_ids(trainer) -> dict[str, set[str]]:
-    return {reason: {label.split("id '")[1].rstrip("')") for label in seen.values()} for reason, seen in trainer.data_skips.bad.items()}
+    return {
+        reason: {label.split("id '")[1].rstrip("')") for label in seen.values()}
+        for reason, seen in trainer.data_skips.bad.items()
+    }
 
 
 def test_llava_corpus_trains_with_exactly_the_expected_skips(corpus_dir, tmp_path):
@@ -98,14 +101,20 @@ def test_hf_dataset_of_the_same_records_skips_the_same(corpus_dir, tmp_path):
 
 
 def test_on_error_raise_stops_naming_the_sample(corpus_dir, tmp_path):
-    trainer = corpus_trainer(tmp_path, corpus_dir, "train.global_batch_size=8", "train.max_steps=5", "data.on_error=raise")
+    trainer = corpus_trainer(
+        tmp_path, corpus_dir, "train.global_batch_size=8", "train.max_steps=5", "data.on_error=raise"
+    )
     with pytest.raises(BadSample, match=r"sample \d+ \(id '[a-z-]+'\): .*\[\w+\]\. See TROUBLESHOOTING\.md#"):
         trainer.fit()
 
 
 def test_too_many_bad_samples_stop_the_run_listing_the_counts(corpus_dir, tmp_path):
-    trainer = corpus_trainer(tmp_path, corpus_dir, "train.global_batch_size=8", "train.max_steps=5", "data.skip_check_after=16")
-    with pytest.raises(TooManyBadSamplesError, match=r"of the 16 samples drawn so far were bad.*image_\w+: 1 \(samples"):
+    trainer = corpus_trainer(
+        tmp_path, corpus_dir, "train.global_batch_size=8", "train.max_steps=5", "data.skip_check_after=16"
+    )
+    with pytest.raises(
+        TooManyBadSamplesError, match=r"of the 16 samples drawn so far were bad.*image_\w+: 1 \(samples"
+    ):
         trainer.fit()
 
 
@@ -120,10 +129,18 @@ def test_jsonl_line_that_is_not_json_is_one_bad_record(corpus_dir):
 def test_a_path_outside_the_image_root_is_never_opened(corpus_dir, tiny, monkeypatch):
     opened = []
     real_open = images_module.Image.open
-    monkeypatch.setattr(images_module.Image, "open", lambda fp, *a, **k: opened.append(Path(fp.name).resolve()) or real_open(fp, *a, **k))
+    monkeypatch.setattr(
+        images_module.Image,
+        "open",
+        lambda fp, *a, **k: opened.append(Path(fp.name).resolve()) or real_open(fp, *a, **k),
+    )
     cfg = LlavaConfig(path=str(corpus_dir / "data.json"), image_root=str(corpus_dir / "images"), val_fraction=0.0)
     encoded = EncodedDataset(LlavaDataset(cfg, "train", 32), tiny.processor)
-    outside = [s for s in map(encoded.__getitem__, range(len(encoded))) if isinstance(s, SkippedSample) and s.reason == "image_outside_root"]
+    outside = [
+        s
+        for s in map(encoded.__getitem__, range(len(encoded)))
+        if isinstance(s, SkippedSample) and s.reason == "image_outside_root"
+    ]
     assert len(outside) == 3 and opened
     assert not [p for p in opened if not p.is_relative_to((corpus_dir / "images").resolve())]
 
@@ -153,7 +170,9 @@ def test_unmarked_images_go_first_in_the_first_user_turn_in_order(corpus_dir):
         {"type": "text", "text": " with the rest."},
     ]  # fmt: skip
     assert by_id["good-no-marker"]["messages"][0]["content"][0] == {"type": "image"}
-    assert by_id["text-only"]["images"] == [] and by_id["text-only"]["messages"][0]["content"] == "What is two plus two?"
+    assert (
+        by_id["text-only"]["images"] == [] and by_id["text-only"]["messages"][0]["content"] == "What is two plus two?"
+    )
     assert by_id["system"]["messages"][0] == {"role": "system", "content": "Be brief."}
 
 
@@ -165,14 +184,21 @@ def test_multi_image_and_text_only_samples_merge_at_their_own_placeholders(tiny)
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "vs"}, {"type": "image"}]},
         {"role": "assistant", "content": "same"}]}  # fmt: skip
     text = {"images": [], "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
-    one = {"images": [image()], "messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}]}
+    one = {
+        "images": [image()],
+        "messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}],
+    }
     model, processor = tiny.model.eval(), tiny.processor
     samples = [processor(s, i) for i, s in enumerate([two, text, one])]
     batch = Collator(tiny.tokenizer.pad_token_id)(samples)
     assert batch["image_counts"] == [2, 0, 1]
     with torch.no_grad():
         merged = model.embed(batch["input_ids"], batch["pixel_values"])
-        per_image = [model.projector(model.vision(s.pixel_values[k : k + 1]))[0] for s in samples for k in range(len(s.pixel_values))]
+        per_image = [
+            model.projector(model.vision(s.pixel_values[k : k + 1]))[0]
+            for s in samples
+            for k in range(len(s.pixel_values))
+        ]
     runs = [merged[row][batch["input_ids"][row] == model.token_ids.image] for row in range(3)]
     runs = [run.view(-1, model.tokens_per_image, run.shape[-1]) for run in runs]
     assert torch.allclose(torch.cat([r for r in runs if len(r)]), torch.stack(per_image), atol=1e-6)
@@ -248,17 +274,28 @@ def test_hf_layouts_messages_texts_and_question_answer(tmp_path, tiny):
 
 def test_hf_without_a_recognisable_layout_names_the_columns(tmp_path):
     datasets.Dataset.from_dict({"prompt": ["a"], "reply": ["b"]}).save_to_disk(str(tmp_path / "odd"))
-    with pytest.raises(ValueError, match=r"cannot tell the conversation layout.*\['prompt', 'reply'\].*hf-column-mapping"):
+    with pytest.raises(
+        ValueError, match=r"cannot tell the conversation layout.*\['prompt', 'reply'\].*hf-column-mapping"
+    ):
         HFDataset(HFConfig(path=str(tmp_path / "odd")), "train", 32)
 
 
 def test_check_command_reports_bad_records_and_exits_non_zero(corpus_dir, shapes_llava, capsys, caplog):
     common = ["+experiment=llava_tiny", "model.vision.image_size=32", "train.compile=off"]
     with caplog.at_level(logging.WARNING):
-        assert check_main([*common, *corpus_overrides(corpus_dir), "data.dataset.val_path=" + str(corpus_dir / "val.json")]) == 1
+        assert (
+            check_main(
+                [*common, *corpus_overrides(corpus_dir), "data.dataset.val_path=" + str(corpus_dir / "val.json")]
+            )
+            == 1
+        )
     out = capsys.readouterr().out
     assert f"train: {NUM_RECORDS} records, {sum(EXPECTED_SKIPS.values())} bad" in out
-    assert "image_outside_root: 3 (samples" in out and "tokens per sample: p50" in out and "images per sample: 0: 2, 1:" in out
+    assert (
+        "image_outside_root: 3 (samples" in out
+        and "tokens per sample: p50" in out
+        and "images per sample: 0: 2, 1:" in out
+    )
     assert check_main([*common, *shapes_llava]) == 0
     assert check_main([*common, "data.dataset.path=/nonexistent.json"]) == 2
 
@@ -272,7 +309,12 @@ def test_llava_tiny_lowers_its_validation_loss(shapes_llava, tmp_path):
     metrics = trainer.fit()
     assert metrics["val_samples"] == len(trainer.parts.val_set) == 19 and metrics["data_skipped"] == {}
     assert metrics["val_loss"] < 0.7 * before.loss, (before.loss, metrics["val_loss"])
-    assert metrics["val_accuracy_samples"] == 19 and set(metrics["val_accuracy_by_kind"]) <= {"colour", "shape", "count", "position"}
+    assert metrics["val_accuracy_samples"] == 19 and set(metrics["val_accuracy_by_kind"]) <= {
+        "colour",
+        "shape",
+        "count",
+        "position",
+    }
 
 
 def test_resumed_run_keeps_the_skip_counts_and_losses(corpus_dir, tmp_path):

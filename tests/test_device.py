@@ -30,7 +30,9 @@ print(applied, sum(faults[5:]))  # the last 30 steps
 
 
 def page_faults_after_warm_up(keep_freed_bytes: int) -> tuple[str, int]:
-    run = subprocess.run([sys.executable, "-c", PROBE, str(keep_freed_bytes)], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, str(keep_freed_bytes)], capture_output=True, text=True, check=True
+    )
     applied, faults = run.stdout.split()
     return applied, int(faults)
 

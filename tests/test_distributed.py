@@ -68,7 +68,9 @@ def launcher(name: str, processes: int) -> list[str]:
             "--main_process_port", str(free_port())]  # fmt: skip
 
 
-def launch(run_dir: Path, args: list[str], via: str = "torchrun", script: str = "train.py", expect_ok: bool = True) -> Run:
+def launch(
+    run_dir: Path, args: list[str], via: str = "torchrun", script: str = "train.py", expect_ok: bool = True
+) -> Run:
     """Two processes; killed (with all their children) and failed if they run past HANG_TIMEOUT_S."""
     command = [*launcher(via, 2), script, *args, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -164,7 +166,10 @@ def test_out_of_memory_on_one_process_backs_off_on_both(two_processes, tmp_path,
     assert metrics["world_size"] == 2
     assert metrics["oom_back_offs"] == 1 and metrics["micro_batch_size"] == 2  # seen by process 0 too
     assert [r["micro_batch_size"] for r in run.records if "loss" in r] == [2, 2, 2, 2, 2]
-    assert f"out of memory in the {where} of a 4-sample micro-batch on process(es) [1]" in (tmp_path / "train.log").read_text()
+    assert (
+        f"out of memory in the {where} of a 4-sample micro-batch on process(es) [1]"
+        in (tmp_path / "train.log").read_text()
+    )
     assert_close(two_processes.losses, run.losses)
     assert_same_weights(two_processes.weights(), run.weights())
 

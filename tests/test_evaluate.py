@@ -36,7 +36,9 @@ def run(tmp_path_factory):
 def evaluated(run, tmp_path_factory):
     run_dir, _ = run
     out = tmp_path_factory.mktemp("eval")
-    code = evaluate_main([f"checkpoint={run_dir / 'checkpoints' / 'final'}", f"output_dir={out}", "batch_size=16", "show=10"])
+    code = evaluate_main(
+        [f"checkpoint={run_dir / 'checkpoints' / 'final'}", f"output_dir={out}", "batch_size=16", "show=10"]
+    )
     assert code == 0
     return out, json.loads((out / "eval.json").read_text())
 

@@ -58,7 +58,9 @@ def test_generate_command_streams_the_answer_for_images_and_turns(saved_model, t
                           "max_new_tokens=8"]) == 0  # fmt: skip
     raw = {"images": [str(image)], "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}]}  # fmt: skip
-    expected = generate_answers(parts.model.eval(), parts.tokenizer, prompts_of(parts, [raw]), GenerationSettings(8), "cpu")
+    expected = generate_answers(
+        parts.model.eval(), parts.tokenizer, prompts_of(parts, [raw]), GenerationSettings(8), "cpu"
+    )
     parts.model.train()
     assert expected[0].strip() and capsys.readouterr().out.strip() == expected[0].strip()
     turns = 'turns=["Name a round shape.", "circle", "And one with corners?"]'

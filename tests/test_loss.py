@@ -81,7 +81,9 @@ def test_pad_equal_to_eos_is_masked_by_position_and_real_eos_is_supervised(tiny)
     and every real end-of-turn token (one per answer) is still a target."""
     model, eos = tiny.model.eval(), tiny.model.token_ids.stop
     max_length = tiny.processor.max_length
-    indices = [i for i in range(16) if len(tiny.processor(tiny.train_set[i], i).input_ids) < max_length][:4]  # untruncated
+    indices = [i for i in range(16) if len(tiny.processor(tiny.train_set[i], i).input_ids) < max_length][
+        :4
+    ]  # untruncated
     samples = [tiny.processor(tiny.train_set[i], i) for i in indices]
     batch = Collator(eos, padding_side="right")(samples)
     padding = batch["attention_mask"] == 0

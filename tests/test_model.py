@@ -40,7 +40,9 @@ def test_placeholder_mismatch_names_sample_and_counts(tiny):
 
     batch = Collator(tiny.tokenizer.pad_token_id)(samples)
     tpi = model.tokens_per_image
-    with pytest.raises(ValueError, match=rf"sample 41: {tpi - 1} image placeholder tokens .* = {tpi} expected.*TROUBLESHOOTING"):
+    with pytest.raises(
+        ValueError, match=rf"sample 41: {tpi - 1} image placeholder tokens .* = {tpi} expected.*TROUBLESHOOTING"
+    ):
         model(batch)
 
 
@@ -101,14 +103,19 @@ def test_an_unreachable_pretrained_part_is_a_config_error_naming_key_and_entry(o
 
 def test_remote_code_needs_trust_remote_code(tmp_path):
     """A model whose repository ships its own code does not run it unless the config says so."""
-    config = {"model_type": "custom_vlm_test", "auto_map": {"AutoConfig": "configuration.Custom", "AutoModelForCausalLM": "modeling.Custom"}}
+    config = {
+        "model_type": "custom_vlm_test",
+        "auto_map": {"AutoConfig": "configuration.Custom", "AutoModelForCausalLM": "modeling.Custom"},
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="model.lm.trust_remote_code=true.*TROUBLESHOOTING.md#trust_remote_code"):
         build_language_model(LMConfig(pretrained=str(tmp_path)), 10)
 
 
 def test_a_vit_built_for_another_image_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="model_kwargs.img_size.*image-size-differs-from-the-backbones-pretrained-size"):
+    with pytest.raises(
+        ValueError, match="model_kwargs.img_size.*image-size-differs-from-the-backbones-pretrained-size"
+    ):
         VisionEncoder(VisionConfig(name="vit_tiny_patch16_224", image_size=64, model_kwargs={"depth": 1}))
 
 

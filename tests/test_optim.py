@@ -34,7 +34,8 @@ def model(tiny):
 
 
 @pytest.mark.parametrize(
-    "stage, modules", [("align", {"projector"}), ("finetune", {"projector", "lm"}), ("full", {"vision", "projector", "lm"})]
+    "stage, modules",
+    [("align", {"projector"}), ("finetune", {"projector", "lm"}), ("full", {"vision", "projector", "lm"})],
 )
 def test_stages_choose_the_trainable_modules(model, stage, modules):
     optimizer, _ = optimizer_for(model, stage=stage)
@@ -78,7 +79,9 @@ def test_unknown_names_are_errors_that_name_the_key(model):
     [("constant", [0.0, 1.0, 1.0, 1.0]), ("linear", [0.0, 1.0, 10 / 15, 1 / 15]), ("cosine", [0.0, 1.0, None, None])],
 )
 def test_schedules_warm_up_then_decay_per_group(model, schedule, expected):
-    optimizer, cfg = optimizer_for(model, lr=1e-3, warmup_steps=5, max_steps=20, schedule=schedule, modules={"vision": {"lr_scale": 0.1}})
+    optimizer, cfg = optimizer_for(
+        model, lr=1e-3, warmup_steps=5, max_steps=20, schedule=schedule, modules={"vision": {"lr_scale": 0.1}}
+    )
     scheduler = build_scheduler(optimizer, cfg)
     factors = []
     for step in range(20):

@@ -3,7 +3,6 @@
 Run: pytest tests/test_processing.py
 """
 
-
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -40,7 +39,13 @@ def test_text_ids_equal_the_tokenizers_own_call(tiny):
     """text_ids calls the Rust backend directly (speed); it must give what transformers' call gives, and must not
     leave the tokenizer splitting special tokens for other callers."""
     tokenizer, chat_format = tiny.tokenizer, tiny.processor.chat_format
-    texts = ["What colour is the square?", "  two  spaces\nand a newline", "Ωmega 漢字 ✓", "<|im_end|> <image> <|bos|>", ""]
+    texts = [
+        "What colour is the square?",
+        "  two  spaces\nand a newline",
+        "Ωmega 漢字 ✓",
+        "<|im_end|> <image> <|bos|>",
+        "",
+    ]
     for text in texts:
         expected = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         assert chat_format.text_ids(text) == expected, text
@@ -93,7 +98,9 @@ def test_truncation_that_removes_every_answer_token_is_a_bad_sample(tiny):
         tiny.processor.chat_format, tiny.processor.image_transform, fits,
         tiny.model.token_ids.image, tiny.model.tokens_per_image,
     )  # fmt: skip
-    with pytest.raises(BadSample, match=r"sample 5: truncation to data.max_length=\d+ leaves no answer token.*answer_truncated"):
+    with pytest.raises(
+        BadSample, match=r"sample 5: truncation to data.max_length=\d+ leaves no answer token.*answer_truncated"
+    ):
         processor(sample("What colour is the circle?", "red"), 5)  # the answer is truncated away
     assert processor(sample("Hi", "red"), 6).num_supervised > 0
 

@@ -100,8 +100,18 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(straight, tmp_path):
-    args = ["+experiment=shapes", *TINY, *TINY_VIT, "train.eval_every=0", "train.log_every=1", *RUN, f"hydra.run.dir={tmp_path}"]
-    done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = [
+        "+experiment=shapes",
+        *TINY,
+        *TINY_VIT,
+        "train.eval_every=0",
+        "train.log_every=1",
+        *RUN,
+        f"hydra.run.dir={tmp_path}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     checkpoints = tmp_path / "checkpoints"
     assert [p.name for p in checkpoints.glob(".tmp-*")] == [f".tmp-step_00000006-{done_pid(checkpoints)}"]

@@ -33,7 +33,9 @@ def test_splits_do_not_overlap_in_any_question_turn():
     cfg = ShapesConfig(train_size=3000, val_size=300, questions_per_image=4)
     train, val = ShapesVQA(cfg, "train", 32), ShapesVQA(cfg, "val", 32)
     train_keys = {
-        Scene(train.scene(i).objects, question, "", "").key() for i in range(len(train)) for question in questions_asked(train[i])
+        Scene(train.scene(i).objects, question, "", "").key()
+        for i in range(len(train))
+        for question in questions_asked(train[i])
     }
     # most training images carry several questions (a 1-object scene one: any other would be given away)
     assert sum(len(questions_asked(train[i])) > 1 for i in range(len(train))) > 0.75 * len(train)
@@ -82,13 +84,17 @@ def test_no_turn_is_answered_by_the_turns_before_it():
 
 def test_extra_question_weights_shift_the_training_mix_only():
     def position_share(split: str, weights: dict) -> float:
-        data = ShapesVQA(ShapesConfig(train_size=300, val_size=300, questions_per_image=3, extra_question_weights=weights), split, 32)
+        data = ShapesVQA(
+            ShapesConfig(train_size=300, val_size=300, questions_per_image=3, extra_question_weights=weights), split, 32
+        )
         asked = [q for i in range(len(data)) for q in questions_asked(data[i])[1:] if q.startswith("Where")]
         extras = sum(len(questions_asked(data[i])) - 1 for i in range(len(data)))
         return len(asked) / max(1, extras)
 
     assert position_share("train", {"position": 10.0}) > position_share("train", {}) + 0.2
-    val = ShapesVQA(ShapesConfig(val_size=50, questions_per_image=3, extra_question_weights={"position": 10.0}), "val", 32)
+    val = ShapesVQA(
+        ShapesConfig(val_size=50, questions_per_image=3, extra_question_weights={"position": 10.0}), "val", 32
+    )
     assert all(len(questions_asked(val[i])) == 1 for i in range(len(val)))
     with pytest.raises(ValueError, match="extra_question_weights.*positoin"):
         ShapesVQA(ShapesConfig(extra_question_weights={"positoin": 2.0}), "train", 32)

@@ -33,7 +33,9 @@ def log_records(trainer: Trainer) -> list[dict]:
 
 
 def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, caplog):
-    trainer = make_trainer(tmp_path, "train.max_steps=4", "train.global_batch_size=4", "train.log_every=100", "train.warmup_steps=0")
+    trainer = make_trainer(
+        tmp_path, "train.max_steps=4", "train.global_batch_size=4", "train.log_every=100", "train.warmup_steps=0"
+    )
     poison_steps(trainer, {2})
     snapshots = {}
     original = trainer.train_step
@@ -65,7 +67,9 @@ def test_pre_clip_norm_is_logged_and_clipping_bounds_the_update(tmp_path):
     trainer = make_trainer(tmp_path, "train.max_steps=2", "train.global_batch_size=4", "train.grad_clip=1e-3")
     samples = next(trainer.batches())
     trainer.accumulate_gradients(samples)
-    unclipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]))
+    unclipped = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None])
+    )
     trainer.optimizer.zero_grad(set_to_none=True)
     stats = trainer.train_step(samples)
     assert stats["grad_norm"] == pytest.approx(float(unclipped), rel=1e-5) and stats["grad_norm"] > 1e-3
@@ -80,7 +84,9 @@ def test_samples_without_supervised_tokens_are_counted_not_trained_on(tmp_path, 
             {"role": "assistant", "content": "red"},
         ],
     }
-    encoded = EncodedDataset([{**raw, "messages": raw["messages"][:1]}, raw], trainer.parts.processor)  # no answer, good
+    encoded = EncodedDataset(
+        [{**raw, "messages": raw["messages"][:1]}, raw], trainer.parts.processor
+    )  # no answer, good
     empty, good = encoded[0], encoded[1]
     assert isinstance(empty, SkippedSample) and empty.reason == "nothing_to_learn"
     with caplog.at_level(logging.WARNING):

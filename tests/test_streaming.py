@@ -110,7 +110,9 @@ def test_the_load_check_refuses_a_stream_with_a_clear_message(tmp_path, capsys):
 def hf_streaming_config(tmp_path, *extra):
     """data=hf with streaming: a save_to_disk dataset (40 question-answer rows) read as an IterableDataset."""
     rows = {"question": [f"What is {i} plus one?" for i in range(40)], "answer": [str(i + 1) for i in range(40)]}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(tmp_path / "hf")
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}
+    ).save_to_disk(tmp_path / "hf")
     data = [f"data.dataset.path={tmp_path / 'hf'}", "data.dataset.val_split=validation", "data.dataset.streaming=true",
             "data.dataset.shuffle_window=8", "data.dataset.max_val_samples=4"]  # fmt: skip
     return compose_config("train.max_steps=3", "train.global_batch_size=4", "train.eval_every=0", "train.save_every=3",
@@ -125,7 +127,9 @@ def test_workers_encode_a_stream_in_the_main_processs_order(tmp_path, source):
 
     def first_steps(workers: int) -> list:
         if source == "hf":
-            trainer = new_trainer(hf_streaming_config(tmp_path, f"data.num_workers={workers}"), tmp_path / f"run{workers}")
+            trainer = new_trainer(
+                hf_streaming_config(tmp_path, f"data.num_workers={workers}"), tmp_path / f"run{workers}"
+            )
             assert isinstance(trainer.parts.train_set.stream, IterableSource)
         else:
             trainer = streaming_trainer(tmp_path / f"run{workers}", corpus, f"data.num_workers={workers}")

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train.max_steps=20", "train.log_every=1", "train.warmup_steps=2", "train.lr=3e-3", "train.global_batch_size=8")
+    cfg = compose_config(
+        "train.max_steps=20", "train.log_every=1", "train.warmup_steps=2", "train.lr=3e-3", "train.global_batch_size=8"
+    )
     trainer = new_trainer(cfg, run_dir)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     metrics = trainer.fit()
@@ -93,7 +95,13 @@ def test_train_py_runs_from_the_command_line(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "metrics.json").exists()
-    bad = subprocess.run([sys.executable, "train.py", "+experiment=does_not_exist"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "train.py", "+experiment=does_not_exist"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "experiment/does_not_exist" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -101,7 +109,9 @@ def test_train_py_runs_from_the_command_line(tmp_path):
 def test_init_from_starts_a_new_run_from_the_checkpoint_weights(short_run, tmp_path):
     """The next stage: weights from the previous run's final checkpoint, a fresh step count and optimizer."""
     _, run_dir, _, _ = short_run
-    cfg = compose_config("train.max_steps=2", "train.global_batch_size=8", f"train.init_from={run_dir / 'checkpoints' / 'final'}")
+    cfg = compose_config(
+        "train.max_steps=2", "train.global_batch_size=8", f"train.init_from={run_dir / 'checkpoints' / 'final'}"
+    )
     trainer = new_trainer(cfg, tmp_path)
     saved = load_file(run_dir / "checkpoints" / "final" / "model.safetensors")
     current = trainer.unwrapped.state_dict()
@@ -112,8 +122,11 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(short_run, tmp_p
 def test_data_loader_workers_give_the_same_steps(tmp_path):
     """data.num_workers=2 encodes in worker processes (each step sent as a few concatenated tensors): the same
     samples, in the same order, as the main process."""
+
     def first_steps(workers: int) -> list[list[tuple]]:
-        trainer = new_trainer(compose_config("train.global_batch_size=4", f"data.num_workers={workers}"), tmp_path / str(workers))
+        trainer = new_trainer(
+            compose_config("train.global_batch_size=4", f"data.num_workers={workers}"), tmp_path / str(workers)
+        )
         batches = trainer.batches()
         return [[sample_fields(s) for s in next(batches)] for _ in range(3)]
 
@@ -123,7 +136,13 @@ def test_data_loader_workers_give_the_same_steps(tmp_path):
 def sample_fields(sample: EncodedSample | SkippedSample) -> tuple:
     if isinstance(sample, SkippedSample):
         return (sample,)
-    return sample.index, sample.input_ids.tolist(), sample.labels.tolist(), sample.pixel_values.tolist(), sample.num_images
+    return (
+        sample.index,
+        sample.input_ids.tolist(),
+        sample.labels.tolist(),
+        sample.pixel_values.tolist(),
+        sample.num_images,
+    )
 
 
 def test_a_step_crosses_processes_as_concatenated_tensors_and_comes_back_whole():
@@ -131,7 +150,12 @@ def test_a_step_crosses_processes_as_concatenated_tensors_and_comes_back_whole()
         ids = torch.arange(length) + index
         return EncodedSample(index, ids, ids * 2, torch.rand(views, 3, 4, 4), num_images=min(views, 1))
 
-    step = [encoded(3, 5, 1), SkippedSample(7, "record 7", "bad_image", "truncated"), encoded(1, 2, 0), encoded(9, 4, 5)]
+    step = [
+        encoded(3, 5, 1),
+        SkippedSample(7, "record 7", "bad_image", "truncated"),
+        encoded(1, 2, 0),
+        encoded(9, 4, 5),
+    ]
     flat = StepSamples.of(step)
     assert flat.input_ids.shape == (11,) and flat.pixel_values.shape == (6, 3, 4, 4)  # 3 tensors, not 9
     assert [sample_fields(s) for s in flat.samples()] == [sample_fields(s) for s in step]

@@ -102,7 +102,9 @@ def vision_blocks(backbone: nn.Module) -> list[nn.Module]:
 def lm_layers(lm: nn.Module) -> list[nn.Module]:
     layers = getattr(lm.base_model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"train.compile=regional: cannot find the decoder layers of {type(lm).__name__} (base_model.layers)")
+        raise ValueError(
+            f"train.compile=regional: cannot find the decoder layers of {type(lm).__name__} (base_model.layers)"
+        )
     return list(layers)
 
 
@@ -169,9 +171,7 @@ def apply_compile(model: nn.Module, mode: str) -> None:
         # Inductor's CPU layout optimisation makes convolutions channels-last, but fake tensors cannot
         # predict a convolution's output strides over an unbacked image count (see
         # mark_image_count_unbacked), and the compiled code's stride check then fails at run time.
-        model._forward_core = torch.compile(
-            model._forward_core, fullgraph=True, options={"layout_optimization": False}
-        )
+        model._forward_core = torch.compile(model._forward_core, fullgraph=True, options={"layout_optimization": False})
     elif mode == "regional":
         for block in vision_blocks(model.vision.backbone):
             _compile_block(block, sequence=False)

@@ -27,7 +27,9 @@ def conversation(args) -> dict:
     images = [args.image] if "image" in args else list(args.get("images", []))
     turns = [args.prompt] if "prompt" in args else list(args.get("turns", []))
     if not turns or len(turns) % 2 == 0:
-        raise UsageError("give prompt=\"...\" or turns=[question, answer, ..., question] (an odd number, ending with a question)")
+        raise UsageError(
+            'give prompt="..." or turns=[question, answer, ..., question] (an odd number, ending with a question)'
+        )
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(text)} for i, text in enumerate(turns)]
     messages[0]["content"] = [*({"type": "image"} for _ in images), {"type": "text", "text": messages[0]["content"]}]
     return {"images": [str(path) for path in images], "messages": messages}

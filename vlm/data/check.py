@@ -77,8 +77,11 @@ def main(overrides: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if getattr(parts.train_set, "stream", None) is not None:
-        print("error: the check reads every record by position, which a stream does not offer; run it with "
-              "data.dataset.streaming=false (on the file itself, or on a sample of it)", file=sys.stderr)
+        print(
+            "error: the check reads every record by position, which a stream does not offer; run it with "
+            "data.dataset.streaming=false (on the file itself, or on a sample of it)",
+            file=sys.stderr,
+        )
         return 2
     reports = {split: check_split(dataset, parts.processor, parts.data.num_workers, split)
                for split, dataset in (("train", parts.train_set), ("val", parts.val_set))}  # fmt: skip

@@ -38,7 +38,9 @@ def llava_turns(conversations: Any, sample: str) -> list[tuple[str, list]]:
     return turns
 
 
-def place_images(turns: list[tuple[str, list]], num_images: int, marker: str, sample: str) -> tuple[list[dict], list[int]]:
+def place_images(
+    turns: list[tuple[str, list]], num_images: int, marker: str, sample: str
+) -> tuple[list[dict], list[int]]:
     """(role, parts) turns, parts being text (markers inside are images) or IMAGE -> (messages, image order)."""
     messages, marked = [], 0
     for role, parts in turns:

@@ -114,7 +114,9 @@ class HFDataset(RecordDataset):
     def __init__(self, cfg: HFConfig, split: str, image_size: int):
         self.marker = cfg.image_marker
         if cfg.streaming and not cfg.val_split:
-            raise ValueError("data.dataset.streaming=true needs data.dataset.val_split: a stream is never held out from")
+            raise ValueError(
+                "data.dataset.streaming=true needs data.dataset.val_split: a stream is never held out from"
+            )
         own_split = split == "train" or not cfg.val_split
         streamed = cfg.streaming and split == "train"
         dataset = open_split(cfg, cfg.split if own_split else cfg.val_split, streamed)
@@ -124,7 +126,11 @@ class HFDataset(RecordDataset):
             self.stream = IterableSource(dataset)
             super().__init__([], [], default_image_root(cfg))
             return
-        positions = list(range(len(dataset))) if cfg.val_split else holdout_split(len(dataset), cfg.val_fraction, cfg.seed, split)
+        positions = (
+            list(range(len(dataset)))
+            if cfg.val_split
+            else holdout_split(len(dataset), cfg.val_fraction, cfg.seed, split)
+        )
         super().__init__(dataset, positions, default_image_root(cfg), cfg.max_val_samples if split != "train" else None)
 
     def to_raw(self, record: dict, label: str) -> dict:

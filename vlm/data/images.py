@@ -141,7 +141,9 @@ def split_image(image: Image.Image | np.ndarray, tile: int, max_tiles: int) -> t
 class ImageTransform:
     """Resize to the encoder's size with its interpolation and normalise with its mean/std (timm's data config)."""
 
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bicubic"):
+    def __init__(
+        self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bicubic"
+    ):
         self.image_size = image_size
         self.resample = Image.Resampling[interpolation.upper()]
         self.mean = torch.tensor(mean).view(3, 1, 1)

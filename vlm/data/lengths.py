@@ -26,10 +26,14 @@ class _TokenLengths(Dataset):
             return 0
 
 
-def sample_lengths(raw: Dataset, processor: SampleProcessor, num_workers: int = 0, show_progress: bool = True) -> list[int]:
+def sample_lengths(
+    raw: Dataset, processor: SampleProcessor, num_workers: int = 0, show_progress: bool = True
+) -> list[int]:
     loader = DataLoader(_TokenLengths(raw, processor), batch_size=512, num_workers=num_workers, collate_fn=list)
     lengths: list[int] = []
-    with tqdm(total=len(raw), desc="token lengths (data.batching=grouped)", unit="samples", disable=not show_progress) as bar:
+    with tqdm(
+        total=len(raw), desc="token lengths (data.batching=grouped)", unit="samples", disable=not show_progress
+    ) as bar:
         for chunk in loader:
             lengths += chunk
             bar.update(len(chunk))

@@ -28,7 +28,9 @@ class LlavaConfig(RecordsConfig):
 def check_file(path: str) -> Path:
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"data.dataset.path: LLaVA file {path!r} does not exist. See TROUBLESHOOTING.md#malformed-record.")
+        raise FileNotFoundError(
+            f"data.dataset.path: LLaVA file {path!r} does not exist. See TROUBLESHOOTING.md#malformed-record."
+        )
     return file
 
 

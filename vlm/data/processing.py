@@ -140,13 +140,17 @@ class SampleProcessor:
         for turn, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in roles:
                 role = message.get("role") if isinstance(message, dict) else message
-                raise BadSample("malformed_record", f"message {turn} has role {role!r}, not one of {sorted(roles)}", label)
+                raise BadSample(
+                    "malformed_record", f"message {turn} has role {role!r}, not one of {sorted(roles)}", label
+                )
             if not _valid_content(message.get("content")):
                 raise BadSample("malformed_record", f"message {turn} has content {message.get('content')!r}: expected "
                                 "a string or a list of {type: image} / {type: text, text: str} parts", label)  # fmt: skip
         parts, images = image_part_count(messages), len(sample.get("images", []))
         if parts != images:
-            raise BadSample("marker_mismatch", f"{parts} image marker(s) in the conversation but {images} image(s)", label)
+            raise BadSample(
+                "marker_mismatch", f"{parts} image marker(s) in the conversation but {images} image(s)", label
+            )
         if need_answer and not any(m["role"] == "assistant" and message_text(m).strip() for m in messages):
             raise BadSample("nothing_to_learn", "has no assistant turn with a non-empty answer", label)
 
@@ -178,7 +182,9 @@ class SampleProcessor:
             ids += self.chat_format.text_ids("\n")
         return ids + self.chat_format.text_ids("<global_img>") + self.image_run
 
-    def _finish(self, index: int, label: str, ids: list[int], labels: list[int], pixels: torch.Tensor, num_images: int) -> EncodedSample:
+    def _finish(
+        self, index: int, label: str, ids: list[int], labels: list[int], pixels: torch.Tensor, num_images: int
+    ) -> EncodedSample:
         if len(ids) > self.max_length:
             expected = ids.count(self.image_token_id)
             ids, labels = ids[: self.max_length], labels[: self.max_length]
@@ -197,6 +203,7 @@ def _valid_content(content: Any) -> bool:
     if isinstance(content, str):
         return True
     return isinstance(content, list) and all(
-        isinstance(p, dict) and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+        isinstance(p, dict)
+        and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
         for p in content
     )

@@ -50,7 +50,9 @@ def holdout_split(num_records: int, fraction: float, seed: int, split: str) -> l
 class RecordDataset(Dataset):
     """Raw samples from `records[positions[i]]`; subclasses implement `to_raw`."""
 
-    def __init__(self, records: Sequence, positions: list[int], image_root: Path | None, max_samples: int | None = None):
+    def __init__(
+        self, records: Sequence, positions: list[int], image_root: Path | None, max_samples: int | None = None
+    ):
         self.records = records
         self.positions = positions[:max_samples] if max_samples is not None else positions
         self.image_root = image_root.resolve() if image_root is not None else None

@@ -117,7 +117,9 @@ def valid_questions(objects: tuple) -> list[Question]:
         if pairs.count((colour, shape)) == 1:
             questions.append(Question(f"Where is the {colour} {shape}?", CELLS[cell], "position", cell, shape))
     for shape in sorted(set(shapes)):
-        questions.append(Question(f"How many {shape}s are there?", COUNT_WORDS[shapes.count(shape) - 1], "count", None, shape))
+        questions.append(
+            Question(f"How many {shape}s are there?", COUNT_WORDS[shapes.count(shape) - 1], "count", None, shape)
+        )
     return questions
 
 

@@ -40,7 +40,9 @@ def build_tokenizer(cfg: TokenizerConfig, corpus: Iterable[str], format_tokens: 
     return tokenizer
 
 
-def _train_byte_level_bpe(cfg: TokenizerConfig, corpus: Iterable[str], format_tokens: list[str]) -> PreTrainedTokenizerFast:
+def _train_byte_level_bpe(
+    cfg: TokenizerConfig, corpus: Iterable[str], format_tokens: list[str]
+) -> PreTrainedTokenizerFast:
     specials = list(dict.fromkeys([cfg.pad_token, cfg.bos_token, cfg.image_token, *format_tokens]))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

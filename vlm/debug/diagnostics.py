@@ -76,7 +76,9 @@ class Suite:
 
     def check_graph_breaks(self) -> None:
         b = self.main
-        count, reasons = graph_breaks(self.base._forward_core, b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+        count, reasons = graph_breaks(
+            self.base._forward_core, b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"]
+        )
         self.results["graph_breaks"] = count
         self.results["graph_break_reasons"] = reasons
 
@@ -129,7 +131,9 @@ class Suite:
     def _summarise(self) -> None:
         r = self.results
         r["matmul_peak_flops"] = max(r["matmul_peak_flops_before"], r["matmul_peak_flops_after"])
-        r["mfu"] = {mode: r["flops_per_step"] / t / r["matmul_peak_flops"] for mode, t in r.get("step_time_s", {}).items()}
+        r["mfu"] = {
+            mode: r["flops_per_step"] / t / r["matmul_peak_flops"] for mode, t in r.get("step_time_s", {}).items()
+        }
         tokens = r.get("tokens_per_s", {})
         if "off" in tokens:
             r["eager_tokens_per_s"] = tokens["off"]

@@ -93,11 +93,17 @@ class VisionEncoder(nn.Module):
 def _create_backbone(cfg: VisionConfig) -> nn.Module:
     """timm's own loading: the hub by name (`pretrained`), or a local file through its pretrained-config overlay."""
     kwargs = dict(cfg.model_kwargs)
-    key, source = ("model.vision.weights_path", cfg.weights_path) if cfg.weights_path else ("model.vision.pretrained: name", cfg.name)
+    key, source = (
+        ("model.vision.weights_path", cfg.weights_path)
+        if cfg.weights_path
+        else ("model.vision.pretrained: name", cfg.name)
+    )
     if cfg.weights_path:
         kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights_path)
     with loading(key, source):
-        backbone = timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_path), num_classes=0, **kwargs)
+        backbone = timm.create_model(
+            cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_path), num_classes=0, **kwargs
+        )
     trained_at = (backbone.pretrained_cfg or {}).get("input_size", [None])[-1]
     if cfg.pretrained and not cfg.weights_path and trained_at and trained_at != cfg.image_size:
         logger.warning(

@@ -42,7 +42,9 @@ class CoreOutput(NamedTuple):
     num_tokens: torch.Tensor | None  # supervised tokens in the batch
 
 
-def merge_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor) -> torch.Tensor:
+def merge_image_features(
+    embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor
+) -> torch.Tensor:
     """Write image features, in order, into the placeholder positions of `embeds` (one masked scatter)."""
     mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
     return embeds.masked_scatter(mask, features.to(embeds.dtype))
@@ -82,7 +84,9 @@ class VisionLanguageModel(nn.Module):
         blocks = [*lm_layers(self.lm), *vision_blocks(self.vision.backbone)]
         return sorted({type(block).__name__ for block in blocks})
 
-    def check_placeholders(self, input_ids: torch.Tensor, image_counts: Sequence[int], sample_indices: Sequence[int]) -> None:
+    def check_placeholders(
+        self, input_ids: torch.Tensor, image_counts: Sequence[int], sample_indices: Sequence[int]
+    ) -> None:
         found = (input_ids == self.token_ids.image).sum(dim=1).tolist()
         for row, (n_found, n_images) in enumerate(zip(found, image_counts)):
             if n_found != n_images * self.tokens_per_image:
@@ -151,7 +155,9 @@ class VisionLanguageModel(nn.Module):
             # restart (one block per sample; see vlm/data/packing.py). Padding is masked out of the loss below.
             lm_mask = None
         # use_cache=False: a forward over whole sequences needs no KV cache (transformers builds one by default).
-        logits = self.lm(inputs_embeds=embeds, attention_mask=lm_mask, position_ids=position_ids, use_cache=False).logits
+        logits = self.lm(
+            inputs_embeds=embeds, attention_mask=lm_mask, position_ids=position_ids, use_cache=False
+        ).logits
         if labels is None:
             return CoreOutput(logits, None, None)
         # Padding is excluded by position, whatever its id. Position t predicts label t+1: the labels are

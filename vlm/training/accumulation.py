@@ -55,7 +55,9 @@ class SimulatedOOM:
         if (self.max_samples is not None and samples > self.max_samples) or (
             self.max_tokens is not None and samples * length > self.max_tokens
         ):
-            raise SimulatedOutOfMemoryError(f"simulated out of memory in the {where} of a {samples}x{length} micro-batch")
+            raise SimulatedOutOfMemoryError(
+                f"simulated out of memory in the {where} of a {samples}x{length} micro-batch"
+            )
 
 
 @dataclass
@@ -102,7 +104,9 @@ class MicroBatchAccumulator:
             failed = None
             for i in range(count):
                 chunk = samples[start + i * size : start + (i + 1) * size]
-                failed, loss = self._forward_backward(collate(chunk or [filler]), loss_sum, backward, no_sync, step_tokens, last=i == count - 1)
+                failed, loss = self._forward_backward(
+                    collate(chunk or [filler]), loss_sum, backward, no_sync, step_tokens, last=i == count - 1
+                )
                 if failed:
                     break
                 if chunk:

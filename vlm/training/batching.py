@@ -35,7 +35,9 @@ class StepSampler(Sampler[list[int]]):
     def __init__(self, dataset_size: int, global_batch_size: int, seed: int, start_step: int = 0,
                  rank: int = 0, world_size: int = 1, lengths: Sequence[int] | None = None, group_steps: int = 16):  # fmt: skip
         if global_batch_size > dataset_size:
-            raise ValueError(f"train.global_batch_size={global_batch_size} exceeds the dataset's {dataset_size} samples")
+            raise ValueError(
+                f"train.global_batch_size={global_batch_size} exceeds the dataset's {dataset_size} samples"
+            )
         self.dataset_size, self.global_batch_size, self.seed = dataset_size, global_batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.steps_per_epoch = dataset_size // global_batch_size  # the last partial batch of an epoch is dropped

@@ -105,7 +105,9 @@ class CheckpointManager:
         if not self.best_metric or self.best_metric not in metrics:
             return False
         best, value = self.best(), metrics[self.best_metric]
-        if best is not None and (value <= best["value"] if HIGHER_IS_BETTER[self.best_metric] else value >= best["value"]):
+        if best is not None and (
+            value <= best["value"] if HIGHER_IS_BETTER[self.best_metric] else value >= best["value"]
+        ):
             return False
         self._best = {"step": step, "metric": self.best_metric, "value": metrics[self.best_metric]}
         if self.writer:

@@ -52,7 +52,9 @@ def check_launch(accelerator: Accelerator) -> None:
     asked = int(os.environ.get("WORLD_SIZE", "1"))
     # accelerate's simple launcher (`--cpu`, or no `--multi_gpu` on a machine without GPUs) starts one
     # process whatever --num_processes says; it sets MASTER_ADDR only when more were asked for.
-    simple_launch = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+    simple_launch = (
+        "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+    )
     if simple_launch or asked != accelerator.num_processes:
         got = accelerator.num_processes
         raise LaunchError(

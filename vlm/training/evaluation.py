@@ -116,14 +116,20 @@ def evaluate(
                 continue
             full.append(encoded)
             answer = raw.get("answer") or last_answer(raw["messages"])
-            if len(processor.chat_format.text_ids(answer)) <= max_new_tokens:  # a longer answer cannot be generated whole
+            if (
+                len(processor.chat_format.text_ids(answer)) <= max_new_tokens
+            ):  # a longer answer cannot be generated whole
                 prompts.append(prompt)
-                references.append({"index": index, "id": raw.get("id", index), "kind": raw.get("kind", "all"), "answer": answer})
+                references.append(
+                    {"index": index, "id": raw.get("id", index), "kind": raw.get("kind", "all"), "answer": answer}
+                )
         if full or filler:
             loss_sum += float(model(move_to(train_collate(full or [filler]), device)).loss_sum)  # the filler adds 0
             tokens += sum(s.num_predicted for s in full)
         if prompts or filler:
-            answers = generate_answers(model, tokenizer, prompts or [filler], settings, device, synced=filler is not None)
+            answers = generate_answers(
+                model, tokenizer, prompts or [filler], settings, device, synced=filler is not None
+            )
             for reference, text in zip(references, answers):
                 correct = normalise_answer(text) == normalise_answer(reference["answer"])
                 exact = text.strip() == reference["answer"].strip()

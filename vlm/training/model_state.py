@@ -34,11 +34,19 @@ class ModelState:
     def load_weights(self, path: Path) -> None:
         if not self.sharded:
             device = self.accelerator.device  # safetensors takes "cpu", not the "cpu:0" of a multi-process CPU run
-            load_model(self.accelerator.unwrap_model(self.model), str(path), device="cpu" if device.type == "cpu" else str(device))
+            load_model(
+                self.accelerator.unwrap_model(self.model),
+                str(path),
+                device="cpu" if device.type == "cpu" else str(device),
+            )
             return
         full = load_file(str(path))
-        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {n for n, _ in self.model.named_parameters()}
-        missing, unexpected = set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
+            n for n, _ in self.model.named_parameters()
+        }
+        missing, unexpected = set_model_state_dict(
+            self.model, full, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         missing = set(missing) - tied  # a tied weight is stored once
         if missing or unexpected:
             raise RuntimeError(f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
@@ -53,4 +61,6 @@ class ModelState:
         if not self.sharded:
             self.optimizer.load_state_dict(state)
             return
-        set_optimizer_state_dict(self.model, self.optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            self.model, self.optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )

@@ -41,7 +41,9 @@ def _check_names(model: nn.Module, cfg: TrainConfig) -> None:
     modules = {_module_of(n) for n, _ in model.named_parameters()}
     unknown = set(cfg.modules) - modules
     if unknown:
-        raise ValueError(f"train.modules names modules the model does not have: {sorted(unknown)} (has {sorted(modules)})")
+        raise ValueError(
+            f"train.modules names modules the model does not have: {sorted(unknown)} (has {sorted(modules)})"
+        )
     names = [n for n, _ in model.named_parameters()]
     for override in cfg.param_overrides:
         if not any(re.search(override.pattern, n) for n in names):
@@ -114,7 +116,9 @@ def adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch
     """AdamW, fused (one kernel pass over all parameters: on a CPU the foreach version spent a quarter of
     a small model's step in ten separate elementwise passes) where the parameters allow it, else foreach."""
     tensors = [p for group in params for p in group["params"]] if isinstance(params[0], dict) else list(params)
-    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in tensors)
+    fusable = all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in tensors
+    )
     return torch.optim.AdamW(params, lr=lr, betas=betas, fused=fusable, foreach=None if fusable else True)
 
 

@@ -82,7 +82,9 @@ class WandbTracker(Tracker):
             question = _first_question(sample["messages"])
             table.add_data(p["index"], p["kind"], question, p["answer"], p["prediction"], p["correct"])
             caption = f"#{p['index']} {question} -> {p['prediction']!r} (answer {p['answer']!r})"
-            images += [wandb.Image(load_image(image, str(p["index"])), caption=caption) for image in sample["images"][:1]]
+            images += [
+                wandb.Image(load_image(image, str(p["index"])), caption=caption) for image in sample["images"][:1]
+            ]
         self.run.log({"val/predictions": table, "val/prediction_images": images}, step=step)
 
     def summary(self, metrics: dict) -> None:

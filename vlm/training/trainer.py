@@ -166,7 +166,9 @@ class Trainer:
     def _per_process_share(self) -> int:
         world = self.world_size
         if self.train_cfg.global_batch_size % world:
-            raise ValueError(f"train.global_batch_size={self.train_cfg.global_batch_size} is not divisible by {world} processes")
+            raise ValueError(
+                f"train.global_batch_size={self.train_cfg.global_batch_size} is not divisible by {world} processes"
+            )
         return self.train_cfg.global_batch_size // world
 
     # ----- one optimizer step -------------------------------------------------------------------
@@ -292,7 +294,9 @@ class Trainer:
         self.model.train()
         batches = self.batches()
         stats, stopping = {"loss": None}, None
-        progress = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.is_main)
+        progress = tqdm(
+            total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.is_main
+        )
         with StopSignal() as stop:
             while self.step < tc.max_steps:
                 step_start = time.perf_counter()
@@ -303,7 +307,9 @@ class Trainer:
                 stats = self.train_step(samples)
                 record = self._step_record(stats, time.perf_counter() - step_start, data_wait)
                 progress.update(1)
-                progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.set_postfix(
+                    loss=f"{stats['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
                 stopping = self._after_step(record, stop)
                 if stopping:
                     break
@@ -356,7 +362,11 @@ class Trainer:
         tc = self.train_cfg
         count = min(num_samples, len(self.parts.val_set))
         indices = range(self.rank, count, self.world_size)
-        in_step = (math.ceil(math.ceil(count / self.world_size) / tc.eval_batch_size), self.filler) if self.model_state.sharded else None
+        in_step = (
+            (math.ceil(math.ceil(count / self.world_size) / tc.eval_batch_size), self.filler)
+            if self.model_state.sharded
+            else None
+        )
         result = evaluate(
             self.unwrapped, self.parts.processor, self.parts.tokenizer, self.parts.val_set,
             indices, tc.eval_batch_size, tc.max_new_tokens, self.accelerator.device, in_step,
@@ -368,7 +378,10 @@ class Trainer:
     def save(self) -> Path | None:
         self.accelerator.wait_for_everyone()
         rng = gather_object([rng_states()])  # every process's, by rank
-        weights, optimizer = self.model_state.gather_weights(), self.model_state.optimizer_state()  # FSDP: gathered to process 0
+        weights, optimizer = (
+            self.model_state.gather_weights(),
+            self.model_state.optimizer_state(),
+        )  # FSDP: gathered to process 0
         write = lambda directory: self._write_checkpoint(directory, rng, weights, optimizer)  # noqa: E731
         path = self.checkpoints.save(self.step, write) if self.is_main else None
         self.accelerator.wait_for_everyone()
@@ -436,7 +449,9 @@ class Trainer:
     def _check_compatible(self, directory: Path, trainer_state: dict) -> None:
         problems = []
         if trainer_state["global_batch_size"] != self.train_cfg.global_batch_size:
-            problems.append(f"train.global_batch_size {trainer_state['global_batch_size']} -> {self.train_cfg.global_batch_size}")
+            problems.append(
+                f"train.global_batch_size {trainer_state['global_batch_size']} -> {self.train_cfg.global_batch_size}"
+            )
         saved_vocab = AutoTokenizer.from_pretrained(directory / "tokenizer").get_vocab()
         if saved_vocab != self.parts.tokenizer.get_vocab():
             problems.append("the tokenizer differs from the checkpoint's")
@@ -451,7 +466,9 @@ class Trainer:
     def _stopped(self, signal_name: str) -> dict:
         summary = {"stopped_by": signal_name, "steps": self.step, "checkpoint": str(self.checkpoints.latest()),
                    "wall_time_s": time.perf_counter() - self.started}  # fmt: skip
-        log.warning("stopped by %s at step %d; resume with train.resume=auto (same hydra.run.dir)", signal_name, self.step)
+        log.warning(
+            "stopped by %s at step %d; resume with train.resume=auto (same hydra.run.dir)", signal_name, self.step
+        )
         self.tracker.finish()
         return summary
 
@@ -461,10 +478,14 @@ class Trainer:
         self._log_eval(final, self.step)
         weights = self.model_state.gather_weights()
         if self.is_main:
-            save_pretrained(self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg, weights)
+            save_pretrained(
+                self.run_dir / "checkpoints" / "final", self.unwrapped, self.parts.tokenizer, self.cfg, weights
+            )
         if self.train_cfg.save_every:
             self.save()
-        processes = gather_object([{"rank": self.rank, "first_step_samples": self.first_step_samples, "peak_memory_bytes": self.peak_memory}])
+        processes = gather_object(
+            [{"rank": self.rank, "first_step_samples": self.first_step_samples, "peak_memory_bytes": self.peak_memory}]
+        )
         if self.world_size > 1:  # each process saw its own share of the bad samples
             self.data_skips.merge(gather_object([self.data_skips.state_dict()]))
         metrics = {
@@ -484,7 +505,9 @@ class Trainer:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             predictions = "".join(json.dumps(p, default=str) + "\n" for p in final.predictions)
             (self.run_dir / "val_predictions.jsonl").write_text(predictions)
-            write_curves(self.train_log.path, self.run_dir / "curves.png", f"{self.cfg.experiment_name}: {self.run_dir}")
+            write_curves(
+                self.train_log.path, self.run_dir / "curves.png", f"{self.cfg.experiment_name}: {self.run_dir}"
+            )
             self._print_summary(metrics)
         self.tracker.summary(metrics)
         self.tracker.finish()
@@ -506,8 +529,14 @@ class Trainer:
             return
         tqdm.write(f"step {step}: {_describe_eval(result.loss, result.accuracy, result.accuracy_by_kind)}")
         if result.skipped:
-            log.warning("validation: bad samples skipped %s. See TROUBLESHOOTING.md#too-many-bad-samples.", result.skipped)
-        record = {"step": step, **result.metrics(), **{f"val_accuracy/{k}": v for k, v in result.accuracy_by_kind.items()}}
+            log.warning(
+                "validation: bad samples skipped %s. See TROUBLESHOOTING.md#too-many-bad-samples.", result.skipped
+            )
+        record = {
+            "step": step,
+            **result.metrics(),
+            **{f"val_accuracy/{k}": v for k, v in result.accuracy_by_kind.items()},
+        }
         self.train_log.write(record)
         self.tracker.log(record, step)
         rows = result.predictions[: self.train_cfg.eval_table_rows]
