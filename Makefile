@@ -14,5 +14,9 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/python train.py +experiment=shapes $(ARGS)
 
+# Lint first (seconds): ruff (pyflakes, import order, formatting) and import-linter (the layering in pyproject.toml).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q $(ARGS)

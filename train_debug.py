@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from vlm.build import build_components
+from vlm.build import build_components, validate_config
 from vlm.config import CONFIG_DIR
 from vlm.debug.diagnostics import DebugOptions, Suite
 from vlm.training.device import configure_cpu_allocator
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(overrides, args.large_scale)
     configure_cpu_allocator(cfg.train.cpu_keep_freed_bytes)
     torch.manual_seed(0)
-    parts = build_components(cfg)
+    parts = build_components(validate_config(cfg))
     options = options_from(args, cfg)
     results = Suite(parts.model, set(parts.tokenizer.all_special_ids), options).run()
     results.update(config=cfg.experiment_name, large_scale=args.large_scale, device=str(options.device),

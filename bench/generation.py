@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vlm.build import build_components  # noqa: E402
+from vlm.build import build_components, validate_config  # noqa: E402
 from vlm.data.collate import Collator  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=shapes", *overrides])
-    parts = build_components(cfg)
+    parts = build_components(validate_config(cfg))
     model = parts.model.eval()
     prompts = [parts.processor.encode_prompt(parts.val_set[i], i) for i in range(args.batch)]
     batch = Collator(parts.tokenizer.pad_token_id, padding_side="left")(prompts)

@@ -10,8 +10,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from tests.corpus import write_corpus
-from vlm.build import Components, build_components
+from train import build_trainer
+from vlm.build import build_components, validate_config
 from vlm.data.shapes_export import export
+from vlm.training.parts import Components
 from vlm.training.trainer import Trainer
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -52,7 +54,7 @@ TINY_VIT = [
 def new_trainer(cfg: DictConfig, run_dir: Path, trainer_class: type[Trainer] = Trainer) -> Trainer:
     """accelerate keeps one process-wide state; tests build trainers with different precisions."""
     AcceleratorState._reset_state(reset_partial_state=True)
-    return trainer_class(cfg, run_dir)
+    return build_trainer(cfg, run_dir, trainer_class)
 
 
 def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
@@ -77,7 +79,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 def saved_model(tmp_path_factory) -> tuple[Components, Path]:
     """Tiny components whose weights are moved away from any fresh initialisation (so a load that silently
     re-initialises fails a comparison), saved with save_pretrained."""
-    parts = build_components(compose_config())
+    parts = build_components(validate_config(compose_config()))
     torch.manual_seed(1)
     with torch.no_grad():
         for p in parts.model.parameters():
@@ -90,7 +92,7 @@ def saved_model(tmp_path_factory) -> tuple[Components, Path]:
 @pytest.fixture(scope="session")
 def tiny() -> Components:
     torch.manual_seed(0)
-    return build_components(compose_config())
+    return build_components(validate_config(compose_config()))
 
 
 @pytest.fixture(autouse=True)

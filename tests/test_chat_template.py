@@ -10,9 +10,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 
 from tests.conftest import compose_config
-from vlm.build import data_config
 from vlm.config import ConfigError
 from vlm.data.chat_format import ChatFormat, check_chat_template
+from vlm.data.formats import data_config
 from vlm.data.tokenizer import build_tokenizer
 
 # SmolLM2-135M-Instruct's chat_template, verbatim.

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from tests.conftest import TINY_VIT, compose_config
-from vlm.build import build_components
+from vlm.build import build_components, validate_config
 from vlm.compile_policy import apply_compile, mode_for_device
 from vlm.data.collate import Collator
 from vlm.debug.synthetic import synthetic_batch
@@ -33,7 +33,7 @@ def compiled(request):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    parts = build_components(compose_config(*vision))
+    parts = build_components(validate_config(compose_config(*vision)))
     eager = copy.deepcopy(parts.model)
     apply_compile(parts.model, mode)
     return mode, parts, eager, vision

@@ -31,7 +31,7 @@ def data_of(experiment: str) -> str:
 def test_every_experiment_composes_and_builds(experiment, shapes_llava):
     cfg = compose_config(experiment=experiment, data=shapes_llava if data_of(experiment) == "llava" else None)
     assert not cfg.model.lm.pretrained and not cfg.model.vision.pretrained, "a recipe: add it to tests/test_recipes.py"
-    parts = build_components(cfg)
+    parts = build_components(validate_config(cfg))
     sample = parts.processor(parts.train_set[0], 0)
     assert (sample.input_ids == parts.model.token_ids.image).sum() == parts.model.tokens_per_image
     typed_section(cfg.train, TrainConfig, "train")
@@ -50,9 +50,8 @@ def test_every_model_option_builds(group):
     options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
     for option in options:
         shrink = vit if compose_config(f"{group}={option}").model.vision.name.startswith("vit") else []
-        parts = build_components(
-            compose_config(f"{group}={option}", "model.vision.image_size=32", *offline, *lm, *shrink)
-        )
+        cfg = compose_config(f"{group}={option}", "model.vision.image_size=32", *offline, *lm, *shrink)
+        parts = build_components(validate_config(cfg))
         assert parts.model.tokens_per_image > 0, option
 
 
@@ -116,10 +115,19 @@ def test_a_wrong_choice_is_an_error_naming_the_key(typo, key):
         validate_config(cfg)
 
 
-def test_the_whole_config_is_checked_before_anything_is_built(tmp_path, monkeypatch):
-    def build_components(cfg):
+GROUPED_STREAM = ["data.batching=grouped", "data.dataset.streaming=true"]
+
+
+@pytest.mark.parametrize(
+    "overrides, experiment, message",
+    [(["+logger.projct=vlm"], "shapes", r"'logger'.*projct"), (GROUPED_STREAM, "llava_tiny", "data.batching=grouped")],
+)
+def test_the_whole_config_is_checked_before_anything_is_built(tmp_path, monkeypatch, overrides, experiment, message):
+    def build_components(run):
         raise AssertionError("built before the config was checked")
 
-    monkeypatch.setattr("vlm.training.trainer.build_components", build_components)
-    with pytest.raises(ConfigError, match=r"'logger'.*projct"):
-        new_trainer(compose_config("+logger.projct=vlm"), tmp_path)
+    monkeypatch.setattr("train.build_components", build_components)
+    files = ["data.dataset.path=train.jsonl", "data.dataset.val_path=val.jsonl"]  # never opened
+    cfg = compose_config(*overrides, experiment=experiment, data=files if experiment == "llava_tiny" else None)
+    with pytest.raises(ConfigError, match=message):
+        new_trainer(cfg, tmp_path)

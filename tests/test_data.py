@@ -17,10 +17,10 @@ import vlm.data.images as images_module
 from tests.conftest import compose_config, new_trainer
 from tests.corpus import EXPECTED_SKIPS, NUM_RECORDS
 from tests.test_resume import StopAfter, losses
+from vlm.check_data import main as check_main
 from vlm.data.bad_samples import BadSample, SkippedSample, TooManyBadSamplesError
-from vlm.data.check import main as check_main
 from vlm.data.collate import Collator
-from vlm.data.datasets import EncodedDataset
+from vlm.data.formats import EncodedDataset
 from vlm.data.hf import HFConfig, HFDataset
 from vlm.data.images import ImageSplittingConfig, load_image
 from vlm.data.llava import LlavaConfig, LlavaDataset

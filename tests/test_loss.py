@@ -8,10 +8,11 @@ import torch
 from vlm.data.collate import Collator
 
 
-def loss_and_grads(model, batch):
+def loss_and_grads(model, batch, tokens: int):
+    """`tokens`: the batch's supervised-token count, as the trainer counts it (`EncodedSample.num_predicted`)."""
     model.zero_grad(set_to_none=True)
     out = model(batch)
-    loss = out.loss_sum / batch["num_supervised_tokens"]
+    loss = out.loss_sum / tokens
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -42,10 +43,11 @@ def test_padding_changes_neither_loss_nor_gradients(tiny):
         with_extra_padding(Collator(pad_id, padding_side="left")(samples), 5, "left", pad_id),
         with_extra_padding(reference, 6, "right", tiny.model.token_ids.stop),  # pad id == end-of-turn id
     ]
-    ref_loss, ref_grads = loss_and_grads(model, reference)
+    tokens = sum(s.num_predicted for s in samples)
+    ref_loss, ref_grads = loss_and_grads(model, reference, tokens)
     assert ref_grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
     for batch in variants:
-        loss, grads = loss_and_grads(model, batch)
+        loss, grads = loss_and_grads(model, batch, tokens)
         assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-6), (loss, ref_loss)
         for name, grad in grads.items():
             assert torch.allclose(grad, ref_grads[name], rtol=1e-5, atol=1e-7), name
@@ -53,14 +55,16 @@ def test_padding_changes_neither_loss_nor_gradients(tiny):
 
 def test_loss_is_mean_over_supervised_tokens(tiny):
     model = tiny.model.eval()
-    batch = Collator(tiny.tokenizer.pad_token_id)([tiny.processor(tiny.train_set[i], i) for i in range(3)])
+    samples = [tiny.processor(tiny.train_set[i], i) for i in range(3)]
+    batch = Collator(tiny.tokenizer.pad_token_id)(samples)
     with torch.no_grad():
         out = model(batch)
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
     supervised = labels != -100
     manual = torch.nn.functional.cross_entropy(logits[supervised], labels[supervised], reduction="mean")
-    assert int(out.num_tokens) == batch["num_supervised_tokens"] == int(supervised.sum())
-    assert torch.allclose(out.loss_sum / batch["num_supervised_tokens"], manual, atol=1e-6)
+    tokens = sum(s.num_predicted for s in samples)  # the count the trainer divides by
+    assert tokens == int(supervised.sum())
+    assert torch.allclose(out.loss_sum / tokens, manual, atol=1e-6)
 
 
 def test_greedy_generation_matches_training_forward(tiny):
@@ -93,7 +97,6 @@ def test_pad_equal_to_eos_is_masked_by_position_and_real_eos_is_supervised(tiny)
         out = model(batch)
         alone = [model(Collator(eos)([s])).loss_sum for s in samples]
     assert torch.allclose(out.loss_sum, torch.stack(alone).sum(), rtol=1e-5)
-    assert int(out.num_tokens) == sum(s.num_predicted for s in samples)
     answers = sum(sum(m["role"] == "assistant" for m in tiny.train_set[i]["messages"]) for i in indices)
     assert answers > 4  # multi-turn conversations
     assert sum(int((s.labels == eos).sum()) for s in samples) == answers

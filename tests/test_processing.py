@@ -102,7 +102,7 @@ def test_truncation_that_removes_every_answer_token_is_a_bad_sample(tiny):
         BadSample, match=r"sample 5: truncation to data.max_length=\d+ leaves no answer token.*answer_truncated"
     ):
         processor(sample("What colour is the circle?", "red"), 5)  # the answer is truncated away
-    assert processor(sample("Hi", "red"), 6).num_supervised > 0
+    assert processor(sample("Hi", "red"), 6).num_predicted > 0
 
 
 def test_truncation_into_image_placeholders_is_an_error(tiny):

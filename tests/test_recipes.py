@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from tests.conftest import CONFIG_DIR, TINY_SHAPES
-from vlm.build import build_components
+from vlm.build import build_components, validate_config
 
 RECIPES = ["siglip_smollm2", "clip_qwen"]  # experiments with pretrained parts (test_config builds the others)
 
@@ -24,7 +24,7 @@ def test_siglip_smollm2_recipe_builds_offline_at_the_real_size():
     """The architecture in YAML: random weights, no network, SmolLM2-135M and SigLIP B/16 parameter counts."""
     cfg = compose_recipe("siglip_smollm2")
     assert cfg.data.chat.default_system.startswith("You are a helpful AI assistant named SmolLM")
-    parts = build_components(cfg)
+    parts = build_components(validate_config(cfg))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(parts.model.lm) == 134_515_008  # SmolLM2-135M (49,152-token vocabulary, tied)
     assert parts.model.lm.config.num_hidden_layers == 30 and parts.model.lm.config.hidden_size == 576
@@ -38,7 +38,7 @@ def test_siglip_smollm2_recipe_builds_offline_at_the_real_size():
 def test_clip_qwen_recipe_builds_offline():
     """LLaVA's recipe, built shallow (the parameter counts of ViT-L and Qwen2.5-0.5B cost 20 s and 3 GB here)."""
     cfg = compose_recipe("clip_qwen", "model.lm.config.num_hidden_layers=1", "++model.vision.model_kwargs.depth=3")
-    parts = build_components(cfg)
+    parts = build_components(validate_config(cfg))
     assert parts.model.lm.config.model_type == "qwen2" and parts.model.lm.config.hidden_size == 896
     assert parts.model.lm.get_input_embeddings().num_embeddings == 151_936
     assert parts.model.tokens_per_image == 576  # 24 x 24 patches at 336 px, one token each (MLP)

@@ -13,12 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import TINY, TINY_VIT, compose_config, make_trainer, new_trainer
-from vlm.training.checkpoint_manager import (
-    TRAINER_STATE,
-    TRAINING_STATE,
-    CheckpointManager,
-)
-from vlm.training.trainer import ResumeMismatchError, Trainer
+from vlm.checkpoint import TRAINER_STATE, TRAINING_STATE, CheckpointDirectory, ResumeMismatchError
+from vlm.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -83,17 +79,17 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(straight, tmp_path)
 KILL_DURING_SAVE = """
 import os, signal, sys, runpy
 from safetensors.torch import save_model
-import vlm.training.trainer as trainer_module
+import vlm.checkpoint as checkpoint_module
 
-def dying_write(self, directory, *rest):
-    if self.step == 6:  # half a checkpoint on disk, then the process dies as under kill -9
+def dying_save(self, directory, weights):
+    if directory.name.startswith(".tmp-step_00000006"):  # half a checkpoint on disk, then death as under kill -9
         directory.mkdir(parents=True)
-        save_model(self.unwrapped, str(directory / "model.safetensors"))
+        save_model(self.accelerator.unwrap_model(self.model), str(directory / "model.safetensors"))
         os.kill(os.getpid(), signal.SIGKILL)
-    original(self, directory, *rest)
+    original(self, directory, weights)
 
-original = trainer_module.Trainer._write_checkpoint
-trainer_module.Trainer._write_checkpoint = dying_write
+original = checkpoint_module.Checkpointer._save_model
+checkpoint_module.Checkpointer._save_model = dying_save
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """
@@ -115,7 +111,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     checkpoints = tmp_path / "checkpoints"
     assert [p.name for p in checkpoints.glob(".tmp-*")] == [f".tmp-step_00000006-{done_pid(checkpoints)}"]
-    manager = CheckpointManager(checkpoints, keep_last=2, best_metric=None)  # cleans the partial write
+    manager = CheckpointDirectory(checkpoints, keep_last=2, best_metric=None)  # cleans the partial write
     assert not list(checkpoints.glob(".tmp-*"))
     assert manager.latest().name == "step_00000004"
     resumed = make_trainer(tmp_path, *RUN, "train.resume=auto")
@@ -131,7 +127,7 @@ def done_pid(checkpoints: Path) -> int:
 
 
 def test_rotation_keeps_the_last_k_and_the_best(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=2, best_metric="val_accuracy")
+    manager = CheckpointDirectory(tmp_path, keep_last=2, best_metric="val_accuracy")
 
     def write(directory: Path) -> None:
         directory.mkdir()
@@ -147,7 +143,7 @@ def test_rotation_keeps_the_last_k_and_the_best(tmp_path):
 
 def test_resume_with_another_global_batch_size_is_refused(straight, tmp_path):
     straight_dir, _ = straight
-    latest = CheckpointManager(straight_dir / "checkpoints", 2, None).latest()
+    latest = CheckpointDirectory(straight_dir / "checkpoints", 2, None).latest()
     with pytest.raises(ResumeMismatchError, match="global_batch_size 4 -> 8.*TROUBLESHOOTING.md#resume-mismatch"):
         make_trainer(tmp_path, *RUN, "train.global_batch_size=8", f"train.resume={latest}")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, given_away, valid_questions
-from vlm.training.evaluation import majority_baseline
+from vlm.evaluation import majority_baseline
 
 
 def test_same_seed_same_samples_other_seed_other_samples():

@@ -13,8 +13,9 @@ import torch
 
 from tests.conftest import compose_config, make_trainer, new_trainer
 from vlm.data.bad_samples import SkippedSample
-from vlm.data.datasets import EncodedDataset
-from vlm.training.trainer import NonFiniteLossError, Trainer
+from vlm.data.formats import EncodedDataset
+from vlm.training.non_finite import NonFiniteLossError
+from vlm.training.trainer import Trainer
 
 
 def poison_steps(trainer: Trainer, bad_steps: set[int]) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import compose_config, new_trainer
 from tests.test_resume import StopAfter, assert_bitwise_equal, losses, params
-from vlm.data.check import main as check_main
+from vlm.check_data import main as check_main
 from vlm.data.records import BadLine
 from vlm.data.shapes_export import export
 from vlm.data.streaming import IterableSource, JsonlSource, StreamPosition, WindowShuffledStream

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tests.conftest import TINY, compose_config, new_trainer
-from vlm.build import build_components
+from vlm.build import build_components, validate_config
 from vlm.data.bad_samples import SkippedSample
 from vlm.data.collate import Collator
 from vlm.data.processing import EncodedSample
 from vlm.data.transfer import StepSamples
+from vlm.evaluation import normalise_answer
 from vlm.pretrained import load_pretrained
 from vlm.training.batching import StepSampler
-from vlm.training.evaluation import normalise_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_pretrained_lm_and_tokenizer_load_from_a_local_directory(tmp_path, tiny)
                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=len(plain) - 3)  # fmt: skip
     AutoModelForCausalLM.from_config(lm_config).save_pretrained(tmp_path / "lm")
     cfg = compose_config(f"model.lm.pretrained={tmp_path / 'lm'}", f"data.tokenizer.pretrained={tmp_path / 'lm'}")
-    parts = build_components(cfg)
+    parts = build_components(validate_config(cfg))
     assert parts.model.lm.config.model_type == "qwen2"
     assert parts.model.lm.get_input_embeddings().num_embeddings >= len(parts.tokenizer)  # resized for new tokens
     batch = Collator(parts.tokenizer.pad_token_id)([parts.processor(parts.train_set[i], i) for i in range(2)])

@@ -14,17 +14,17 @@ Compiling swaps `forward` functions on the existing modules instead of wrapping 
 names, state dicts and checkpoints never gain an `_orig_mod.` prefix.
 """
 
-import inspect
 import logging
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from vlm.compat import mark_at_least_one_unbacked, tolerate_unbound_cache_guards
+
 log = logging.getLogger(__name__)
 
 MODES = ("off", "core", "regional")
-_UNBACKED_TAKES_MIN = "min" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
 
 
 def mark_batch_and_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
@@ -41,12 +41,10 @@ def mark_image_count_unbacked(pixel_values: torch.Tensor) -> None:
 
     A backed (merely dynamic) image count gets guarded by the CPU convolution's backend choice, which
     tests `num_images >= 16` for stride-1 convs (one graph below 16 images, another from 16 on) and
-    `num_images > 1`. Unbacked, the compiled core serves any image count, one image included.
+    `num_images > 1`. Unbacked, the compiled core serves any image count, one image included (on torch
+    without `mark_unbacked(min=)`, a backed size: at worst one recompile at 16 images on CPU).
     """
-    if _UNBACKED_TAKES_MIN:
-        torch._dynamo.decorators.mark_unbacked(pixel_values, 0, min=1)
-    else:  # older torch (2.11 has no `min`): backed instead, at worst one recompile at 16 images on CPU
-        torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
+    mark_at_least_one_unbacked(pixel_values, 0)
 
 
 def _mark_block_inputs(hidden: torch.Tensor, args: Iterable[Any], kwargs: dict, sequence: bool) -> None:
@@ -117,32 +115,6 @@ def missing_cpu_compiler() -> str | None:
     except Exception as err:  # InvalidCxxCompiler, or a platform-specific compiler check
         return f"{type(err).__name__}: {err}".strip()
     return None
-
-
-def tolerate_unbound_cache_guards() -> None:
-    """A cached graph whose shape guards cannot be evaluated is a cache miss, not a crash.
-
-    Inductor (torch 2.14) can store a backward graph in its FX graph cache with a guard on a symbol that is not
-    among the backward's inputs, written with the forward argument's name (packed batches:
-    `L['attention_mask'].size()[0]`, the row count). A later lookup of that entry, in a process whose
-    AOTAutograd cache misses (a changed forward, another run sharing the cache directory), evaluates the guard
-    with the backward's inputs only and fails the compile with `KeyError: 'attention_mask'`. Such a guard can
-    never hold for the arguments given, so the entry does not match and the graph is compiled anew.
-    See TROUBLESHOOTING.md#keyerror-from-inductors-graph-cache.
-    """
-    shape_env = torch.fx.experimental.symbolic_shapes.ShapeEnv
-    evaluate = shape_env.evaluate_guards_expression
-    if getattr(evaluate, "tolerates_unbound", False):
-        return
-
-    def evaluate_or_miss(self, code: str, args) -> bool:
-        try:
-            return evaluate(self, code, args)
-        except (KeyError, NameError):
-            return False
-
-    evaluate_or_miss.tolerates_unbound = True
-    shape_env.evaluate_guards_expression = evaluate_or_miss
 
 
 def mode_for_device(mode: str, device: torch.device) -> str:

@@ -21,13 +21,14 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.build import build_processor, data_config
+from vlm.build import build_processor
+from vlm.checkpoint import read_model_directory
 from vlm.cli import UsageError, parse_args, resolve_device
 from vlm.config import CONFIG_DIR, ConfigError
-from vlm.data.datasets import build_dataset
+from vlm.data.formats import build_dataset, data_config
 from vlm.eval_page import write_eval_page
-from vlm.pretrained import load_pretrained
-from vlm.training.evaluation import evaluate
+from vlm.evaluation import evaluate
+from vlm.models.vision_language_model import VisionLanguageModel
 
 KEYS = {"checkpoint", "output_dir", "max_samples", "batch_size", "max_new_tokens", "show", "device"}
 
@@ -54,18 +55,19 @@ def main(argv: list[str]) -> int:
         print(f"{err}\n\n{__doc__}", file=sys.stderr)
         return 2
     device = resolve_device(args.get("device", "auto"))
-    loaded = load_pretrained(args.checkpoint, device)
-    try:
-        cfg = with_data_overrides(loaded.config, data_args)
+    saved = read_model_directory(args.checkpoint)
+    try:  # the data first: a mistake there is reported before the model is built
+        cfg = with_data_overrides(saved.config, data_args)
         data = data_config(cfg)
         val_set = build_dataset(data.dataset, "val", cfg.model.vision.image_size)
     except (ConfigError, HydraException, ValueError) as err:
         print(f"cannot read the data: {err}", file=sys.stderr)
         return 2
-    processor = build_processor(loaded.model, loaded.processor.chat_format, data)
+    model = VisionLanguageModel.from_saved(saved, device)
+    processor = build_processor(model, saved.chat_format, data)  # the checkpoint's chat format, the data's settings
     count = min(int(args.get("max_samples", len(val_set))), len(val_set))
     result = evaluate(
-        loaded.model, processor, loaded.tokenizer, val_set, range(count), int(args.get("batch_size", 32)),
+        model, processor, saved.tokenizer, val_set, range(count), int(args.get("batch_size", 32)),
         int(args.get("max_new_tokens", cfg.train.max_new_tokens)), device,
     )  # fmt: skip
     summary = result.summary()

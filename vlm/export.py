@@ -8,8 +8,9 @@ holds the language model alone in transformers format, with the tokenizer, for
 import sys
 from pathlib import Path
 
+from vlm.checkpoint import EXPORTED_LM, export_language_model
 from vlm.cli import UsageError, parse_args
-from vlm.pretrained import export_language_model, load_pretrained
+from vlm.pretrained import load_pretrained
 
 USAGE = "usage: python -m vlm.export checkpoint=PATH output_dir=DIR"
 
@@ -21,14 +22,14 @@ def main(argv: list[str]) -> int:
         print(f"{err}\n{USAGE}", file=sys.stderr)
         return 2
     checkpoint, output = Path(args.checkpoint), Path(args.output_dir)
-    if not (checkpoint / "model.safetensors").is_file():
-        print(f"checkpoint={checkpoint} has no model.safetensors: give a checkpoints/final or step_* directory",
-              file=sys.stderr)  # fmt: skip
+    try:
+        loaded = load_pretrained(checkpoint)
+    except FileNotFoundError as err:
+        print(f"checkpoint={checkpoint}: {err}", file=sys.stderr)
         return 2
-    loaded = load_pretrained(checkpoint)
     loaded.save_pretrained(output)
-    export_language_model(output / "language_model", loaded.model, loaded.tokenizer)
-    print(f"exported {checkpoint} -> {output} (vlm) and {output / 'language_model'} (transformers)")
+    export_language_model(output / EXPORTED_LM, loaded.model, loaded.tokenizer)
+    print(f"exported {checkpoint} -> {output} (vlm) and {output / EXPORTED_LM} (transformers)")
     return 0
 
 

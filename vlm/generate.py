@@ -23,7 +23,7 @@ KEYS = {"checkpoint", "image", "images", "prompt", "turns", "device"} | SETTINGS
 
 
 def conversation(args) -> dict:
-    """The raw sample of the dataset contract (datasets.py) for these arguments."""
+    """The raw sample of the dataset contract (vlm/data/formats.py) for these arguments."""
     images = [args.image] if "image" in args else list(args.get("images", []))
     turns = [args.prompt] if "prompt" in args else list(args.get("turns", []))
     if not turns or len(turns) % 2 == 0:

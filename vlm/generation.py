@@ -13,7 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from vlm.data.collate import Collator
 from vlm.data.processing import EncodedSample
-from vlm.training.device import move_to
+from vlm.data.transfer import move_to
 
 
 @dataclass

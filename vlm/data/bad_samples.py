@@ -103,7 +103,7 @@ class SkipTally:
             raise TooManyBadSamplesError(
                 f"{self.bad_draws} of the {self.draws} samples drawn so far were bad ({self.bad_draws / self.draws:.1%}"
                 f" > data.max_skip_fraction={self.max_fraction}): {self.describe()}. Clean the data (python -m "
-                "vlm.data.check with the same overrides lists every bad record) or raise data.max_skip_fraction. "
+                "vlm.check_data with the same overrides lists every bad record) or raise data.max_skip_fraction. "
                 "See TROUBLESHOOTING.md#too-many-bad-samples."
             )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from vlm.compat import encode_plain_text
 from vlm.config import ConfigError
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
@@ -70,13 +71,7 @@ class ChatFormat:
 
     def text_ids(self, text: str) -> list[int]:
         """Plain text (special-token strings stay characters)."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:  # a tokenizer without a Rust backend (custom code)
-            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        # The backend directly: the same ids as the call above (transformers sets this flag per call too) at a
-        # quarter of the time, which is most of the data preparation of short samples.
-        backend.encode_special_tokens = True
-        return backend.encode(text, add_special_tokens=False).ids
+        return encode_plain_text(self.tokenizer, text)
 
     def _message_body(self, content: Any, image_runs: Iterator[list[int]]) -> tuple[list[int], list[int]]:
         """A message's ids and their labels-if-supervised: image runs are never supervised."""

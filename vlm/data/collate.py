@@ -39,8 +39,6 @@ class Collator:
             "pixel_values": torch.cat([s.pixel_values for s in samples]) if samples else None,
             "image_counts": [len(s.pixel_values) for s in samples],
             "sample_indices": [s.sample_ids if s.members else s.index for s in samples],
-            # Counted here, on the host, so normalising the loss needs no device sync.
-            "num_supervised_tokens": sum(s.num_predicted for s in samples),
         }
         if any(s.position_ids is not None for s in samples):
             batch["position_ids"] = torch.stack([_restarting_positions(s, longest) for s in samples])

@@ -1,6 +1,6 @@
 """Turns one raw sample (images + conversation) into model inputs; a sample it cannot use is a `BadSample`.
 
-A raw sample is `{"images": [...], "messages": [...]}` (see datasets.py for the whole contract); images
+A raw sample is `{"images": [...], "messages": [...]}` (see formats.py for the whole contract); images
 may be PIL images, HxWx3 uint8 arrays, bytes or file paths. Output: token ids, labels, and the images
 (or, with image splitting, their tiles and global views) as one normalised float tensor.
 Checks here run per sample, before batching, so one bad record costs only itself: conversation
@@ -30,10 +30,6 @@ class EncodedSample:
     @property
     def sample_ids(self) -> tuple[int, ...]:
         return self.members or (self.index,)
-
-    @property
-    def num_supervised(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
 
     @property
     def num_predicted(self) -> int:

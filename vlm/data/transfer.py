@@ -1,9 +1,10 @@
-"""A step's encoded samples as a few flat tensors, for the trip from a DataLoader worker to the trainer.
+"""The trips a step's data makes: from a DataLoader worker to the trainer (`StepSamples`), then to the device.
 
 A worker hands every tensor to the main process through a shared-memory segment of its own, which for small
 tensors costs far more than their bytes: a step of 32 samples sent as 96 tensors took 42 ms on a 2-core CPU,
 the same data as 3 concatenated tensors 2.5 ms. So a worker sends the step concatenated (`StepSamples.of`) and
-the main process splits it back into samples (`samples()`, views: no copy).
+the main process splits it back into samples (`samples()`, views: no copy). A collated batch reaches the model's
+device with `move_to`.
 """
 
 from dataclasses import dataclass
@@ -58,3 +59,8 @@ class StepSamples:
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.long)  # a step of bad samples only
+
+
+def move_to(batch: dict, device: torch.device) -> dict:
+    """A collated batch's tensors on `device` (asynchronous copies from pinned memory); other values as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

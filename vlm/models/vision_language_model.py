@@ -2,7 +2,8 @@
 
 `forward` does the Python-side work (images list -> one tensor, placeholder checks) and calls
 `_forward_core`, which takes and returns tensors only, so it can be compiled whole. Every token
-id the forward needs is cached at init: the model never touches the tokenizer.
+id the forward needs is cached at init: the model never touches the tokenizer. On disk a model is a model
+directory (vlm/checkpoint.py): `save_pretrained` writes one, `from_pretrained` reads one back.
 """
 
 from collections.abc import Sequence
@@ -13,9 +14,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from vlm.checkpoint import SavedModel, read_model_directory, save_pretrained
+from vlm.compat import enable_lm_activation_checkpointing
 from vlm.compile_policy import lm_layers, mark_batch_and_sequence_dynamic, mark_image_count_unbacked, vision_blocks
-from vlm.data.chat_format import IGNORE_INDEX
+from vlm.config import typed_section
+from vlm.data.chat_format import IGNORE_INDEX, ChatFormat
 from vlm.models.language_model import LMConfig, build_language_model
 from vlm.models.projector import ProjectorConfig, build_projector
 from vlm.models.vision_encoder import VisionConfig, VisionEncoder
@@ -35,11 +40,19 @@ class TokenIds:
     stop: int  # end of turn: generation stops here
     vocab_size: int
 
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat, image_token: str) -> "TokenIds":
+        return cls(
+            image=tokenizer.convert_tokens_to_ids(image_token),
+            pad=tokenizer.pad_token_id,
+            stop=chat_format.stop_token_id,
+            vocab_size=len(tokenizer),
+        )
+
 
 class CoreOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, V]
     loss_sum: torch.Tensor | None  # summed cross-entropy over supervised tokens
-    num_tokens: torch.Tensor | None  # supervised tokens in the batch
 
 
 def merge_image_features(
@@ -67,14 +80,17 @@ class VisionLanguageModel(nn.Module):
     def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> "VisionLanguageModel":
         """A model saved by `save_pretrained` or by training (any checkpoint directory); offline.
         `vlm.load_pretrained` also gives its tokenizer and processor."""
-        from vlm.pretrained import load_pretrained  # it builds this class from the saved config
+        return cls.from_saved(read_model_directory(directory), device)
 
-        return load_pretrained(directory, device).model
+    @classmethod
+    def from_saved(cls, saved: SavedModel, device: str | torch.device = "cpu") -> "VisionLanguageModel":
+        """The model of a model directory already read (`vlm.checkpoint.read_model_directory`), with its weights."""
+        token_ids = TokenIds.of(saved.tokenizer, saved.chat_format, saved.data.tokenizer.image_token)
+        model = cls(typed_section(saved.config.model, ModelConfig, "model"), token_ids)
+        return saved.load_weights(model, device)
 
     def save_pretrained(self, directory, tokenizer, config) -> None:
         """`config`: the run config the model was built from (a checkpoint's config.yaml)."""
-        from vlm.pretrained import save_pretrained
-
         save_pretrained(Path(directory), self, tokenizer, config)
 
     @property
@@ -116,10 +132,7 @@ class VisionLanguageModel(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute LM and vision block activations in the backward instead of storing them."""
-        if hasattr(self.lm, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
-            self.lm.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_lm_activation_checkpointing(self.lm)
         self.vision.backbone.set_grad_checkpointing(True)
 
     def forward(self, batch: dict) -> CoreOutput:
@@ -159,7 +172,7 @@ class VisionLanguageModel(nn.Module):
             inputs_embeds=embeds, attention_mask=lm_mask, position_ids=position_ids, use_cache=False
         ).logits
         if labels is None:
-            return CoreOutput(logits, None, None)
+            return CoreOutput(logits, None)
         # Padding is excluded by position, whatever its id. Position t predicts label t+1: the labels are
         # shifted (the last position gets nothing to predict), not the logits, so no [B, T-1, V] copy is made
         # and the loss reduces over B*T rows like every other reduction in the graph (one size regime).
@@ -167,7 +180,7 @@ class VisionLanguageModel(nn.Module):
         loss_sum = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return CoreOutput(logits, loss_sum, (targets != IGNORE_INDEX).sum())
+        return CoreOutput(logits, loss_sum)
 
     @torch.no_grad()
     def generate(self, batch: dict, synced: bool = False, **generate_kwargs) -> torch.Tensor:

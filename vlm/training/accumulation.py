@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm.compat import is_out_of_memory
 from vlm.training.distributed import Agreement
+from vlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,20 @@ class SimulatedOutOfMemoryError(torch.OutOfMemoryError):
     """Raised by `train.simulate_oom_above*` so the back-off can be tested without a full device."""
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    message = str(err)
-    # CPU allocator ("DefaultCPUAllocator: can't allocate memory") and older CUDA messages.
-    return isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+def warn_if_batch_norm(model: torch.nn.Module) -> None:
+    """Trainable BatchNorm makes the gradient depend on how a step is split: said once, at start-up."""
+    trainable_bn = [
+        n for n, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())
+    ]  # fmt: skip
+    if trainable_bn:
+        log.warning(
+            "the model has trainable BatchNorm layers (%s, ...): with micro-batches smaller than the step, or several "
+            "processes (each normalises over its own share: BatchNorm statistics are per process by nature), their "
+            "statistics (and so the gradients) depend on the split; a micro-batch without images runs the tower on a "
+            "blank image, which moves the running statistics. See TROUBLESHOOTING.md#accumulation-with-batchnorm.",
+            trainable_bn[0],
+        )
 
 
 @dataclass
@@ -47,6 +57,15 @@ class SimulatedOOM:
     max_samples: int | None = None
     max_tokens: int | None = None
     where: str = "forward"  # forward | backward
+
+    @classmethod
+    def for_process(cls, train: TrainConfig, rank: int) -> "SimulatedOOM | None":
+        """`train.simulate_oom_*` for the process of this rank (None: it never runs out)."""
+        if train.simulate_oom_above is None and train.simulate_oom_above_tokens is None:
+            return None
+        if train.simulate_oom_on_process is not None and train.simulate_oom_on_process != rank:
+            return None
+        return cls(train.simulate_oom_above, train.simulate_oom_above_tokens, train.simulate_oom_in)
 
     def check(self, batch: dict, where: str) -> None:
         if where != self.where:

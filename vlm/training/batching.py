@@ -24,9 +24,12 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from vlm.data.datasets import encode_or_skip
+from vlm.data.formats import EncodedDataset, encode_or_skip
+from vlm.data.lengths import sample_lengths
 from vlm.data.streaming import StreamPosition, WindowShuffledStream
 from vlm.data.transfer import StepSamples
+from vlm.training.parts import Components
+from vlm.training.train_config import TrainConfig
 
 
 class StepSampler(Sampler[list[int]]):
@@ -144,6 +147,28 @@ def _loader_options(seed: int, num_workers: int, pin_memory: bool) -> dict:
     }
 
 
+def training_steps(parts: Components, train: TrainConfig, start_step: int, rank: int, world_size: int,
+                   position: StreamPosition | None, pin_memory: bool) -> Iterator[tuple[list, StreamPosition | None]]:  # fmt: skip
+    """This process's share of each step's samples from `start_step` on, with (a stream only) the stream position
+    after the step: the map-style dataset by `StepSampler`, a stream by `StreamedSteps` from `position`."""
+    data = parts.data
+    if getattr(parts.train_set, "stream", None) is not None:
+        steps = StreamedSteps(
+            parts.train_set, parts.processor, train.global_batch_size, data.dataset.shuffle_window, train.seed,
+            position, rank, world_size,
+        )  # fmt: skip
+        return ((step.samples(), after) for step, after in streamed_step_loader(steps, data.num_workers, pin_memory))
+    lengths = None
+    if data.batching == "grouped":
+        lengths = sample_lengths(parts.train_set, parts.processor, data.num_workers, show_progress=rank == 0)
+    sampler = StepSampler(
+        len(parts.train_set), train.global_batch_size, train.seed, start_step, rank, world_size, lengths,
+        data.group_steps,
+    )  # fmt: skip
+    loader = step_loader(EncodedDataset(parts.train_set, parts.processor), sampler, data.num_workers, pin_memory)
+    return ((samples, None) for samples in loader)
+
+
 def computed_tokens(units: Sequence, micro_batch_size: int) -> int:
     """Token positions the forward computes for these samples (or packed rows) in micro-batches of this size:
     each micro-batch is padded to its longest."""
@@ -164,11 +189,20 @@ class Throughput:
     step_time_s: float = 0.0
     data_wait_s: float = 0.0
 
-    def add(self, real: int, computed: int, step_time: float, data_wait: float) -> None:
+    def add(self, real: int, computed: int, step_time: float, data_wait: float, world_size: int) -> dict:
+        """Count a step; returns its figures for the step log. This process's figures times the process count:
+        the processes' shares are alike."""
         self.real_tokens += real
         self.computed_tokens += computed
         self.step_time_s += step_time
         self.data_wait_s += data_wait
+        return {
+            "tokens_per_s": computed * world_size / step_time,  # padding included: the work done
+            "real_tokens_per_s": real * world_size / step_time,
+            "real_token_fraction": real / max(computed, 1),
+            "step_time_s": step_time,
+            "data_wait_fraction": data_wait / step_time,
+        }
 
     def summary(self, world_size: int) -> dict:
         time_s = max(self.step_time_s, 1e-9)

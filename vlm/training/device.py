@@ -1,4 +1,4 @@
-"""Device facts the trainer needs: moving batches, allocator settings, memory in use."""
+"""Device facts the trainer needs: allocator settings, memory in use."""
 
 import ctypes
 import ctypes.util
@@ -10,10 +10,6 @@ import sys
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def move_to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def configure_cuda_allocator(settings: str) -> None:

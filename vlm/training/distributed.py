@@ -2,7 +2,7 @@
 
 torchrun or `accelerate launch` start the processes; accelerate tells each its rank. On top of that:
 - `build_accelerator`: without CUDA, processes use gloo on CPU (accelerate only does so when asked
-  for the CPU), and FSDP comes from accelerate's plugin;
+  for the CPU), and FSDP comes from accelerate's plugin (on CPU too: vlm/compat.py);
 - `prepare`: wraps model and optimizer; DDP broadcasts no buffers in the forward, so a forward issues
   no collective and a forward OOM on one process cannot leave the others waiting;
 - `check_launch`: a launch that asked for N processes but runs alone is an error, not a quiet single run;
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
+from accelerate import Accelerator
 from torch.nn.parallel import DistributedDataParallel
+
+from vlm.compat import enable_fsdp_on_cpu
+from vlm.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,11 @@ class LaunchError(RuntimeError):
 
 
 def build_accelerator(device: str, mixed_precision: str) -> Accelerator:
+    """`train.device` and `train.mixed_precision`, checked against this machine."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision=fp16 needs CUDA (its grad scaler); use bf16 on CPU")
     cpu = device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     check_launch(accelerator)
@@ -47,6 +54,13 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
     return model, optimizer
 
 
+def per_process_share(global_batch_size: int, world_size: int) -> int:
+    """Samples each process takes of a step."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by {world_size} processes")
+    return global_batch_size // world_size
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse a launch that asked for several processes and got one, or processes that each run alone."""
     asked = int(os.environ.get("WORLD_SIZE", "1"))
@@ -63,25 +77,6 @@ def check_launch(accelerator: Accelerator) -> None:
             "use `torchrun --nproc_per_node N train.py ...` or `accelerate launch --multi_gpu --num_processes N "
             "train.py ...`. See TROUBLESHOOTING.md#launch-runs-one-process."
         )
-
-
-def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
-    """accelerate 1.x builds FSDP for accelerator devices only; torch's FSDP2 also shards on CPU over gloo.
-
-    The FSDP plugin was built from the launcher's environment; switching the process state to FSDP
-    makes `prepare` shard the model exactly as it does on GPUs, so CPU runs test the same path.
-    """
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    if accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment, as accelerate does
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
-    accelerator.state.fsdp_plugin = plugin
-    # Both shared states: a later AcceleratorState() copies PartialState's distributed type over its own.
-    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
-    log.info("FSDP%d on CPU (gloo) through accelerate's FSDP plugin", plugin.fsdp_version)
 
 
 def describe(accelerator: Accelerator) -> str:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlm.compat import log_table_with_images
 from vlm.data.images import load_image
 from vlm.data.processing import message_text
 
@@ -69,11 +70,7 @@ class WandbTracker(Tracker):
         self.run.log(metrics, step=step)
 
     def log_predictions(self, step: int, predictions: list[dict], samples: list[dict]) -> None:
-        """A table of predictions plus the same rows as captioned images.
-
-        The images go as an image list, not a table column: wandb (0.31) writes table images of an
-        offline run as the bare string "Image", losing them.
-        """
+        """A table of predictions plus the same rows as captioned images (beside the table: vlm/compat.py)."""
         import wandb
 
         table = wandb.Table(columns=["index", "kind", "question", "answer", "prediction", "correct"])
@@ -85,7 +82,7 @@ class WandbTracker(Tracker):
             images += [
                 wandb.Image(load_image(image, str(p["index"])), caption=caption) for image in sample["images"][:1]
             ]
-        self.run.log({"val/predictions": table, "val/prediction_images": images}, step=step)
+        log_table_with_images(self.run, "val/predictions", table, "val/prediction_images", images, step)
 
     def summary(self, metrics: dict) -> None:
         """Nested figures (`data_skipped: {reason: n}`) flattened to `data_skipped/reason`."""

@@ -1,6 +1,6 @@
 """Load check: read and encode every record of a dataset before spending GPU hours on it.
 
-    python -m vlm.data.check +experiment=llava_tiny data.dataset.path=data.json data.dataset.image_root=images/
+    python -m vlm.check_data +experiment=llava_tiny data.dataset.path=data.json data.dataset.image_root=images/
 
 Takes the same Hydra overrides as train.py, builds the same tokenizer, model and processor, and encodes
 every training and validation record exactly as training would (images decoded, conversation rendered,
@@ -22,10 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vlm.build import build_components
+from vlm.build import build_components, validate_config
 from vlm.config import CONFIG_DIR
 from vlm.data.bad_samples import SkippedSample, SkipTally
-from vlm.data.datasets import EncodedDataset
+from vlm.data.formats import EncodedDataset
 from vlm.data.processing import SampleProcessor
 from vlm.data.transfer import StepSamples
 
@@ -72,16 +72,17 @@ def main(overrides: list[str]) -> int:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
-        parts = build_components(cfg)
+        run = validate_config(cfg)
+        if getattr(run.data.dataset, "streaming", False):
+            print(
+                "error: the check reads every record by position, which a stream does not offer; run it with "
+                "data.dataset.streaming=false (on the file itself, or on a sample of it)",
+                file=sys.stderr,
+            )
+            return 2
+        parts = build_components(run)
     except (HydraException, OmegaConfBaseException, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if getattr(parts.train_set, "stream", None) is not None:
-        print(
-            "error: the check reads every record by position, which a stream does not offer; run it with "
-            "data.dataset.streaming=false (on the file itself, or on a sample of it)",
-            file=sys.stderr,
-        )
         return 2
     reports = {split: check_split(dataset, parts.processor, parts.data.num_workers, split)
                for split, dataset in (("train", parts.train_set), ("val", parts.val_set))}  # fmt: skip

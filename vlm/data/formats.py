@@ -1,4 +1,5 @@
-"""The dataset contract, the registry of formats, and the wrapper that encodes raw samples for the model.
+"""The dataset contract, the registry of dataset formats, the `data` config, and the wrapper that encodes raw
+samples for the model.
 
 The contract, in one place. A dataset is a map-style `torch.utils.data.Dataset`, built as
 `Dataset(cfg, split, image_size)` with `split` "train" or "val", whose items are raw samples:
@@ -18,8 +19,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from vlm.config import ConfigError, typed_section
 from vlm.data.bad_samples import BadSample, SkippedSample
 from vlm.data.chat_format import ChatFormatConfig
 from vlm.data.hf import HFConfig, HFDataset
@@ -52,18 +55,33 @@ class DataConfig:
 DATASETS = {"shapes": (ShapesConfig, ShapesVQA), "llava": (LlavaConfig, LlavaDataset), "hf": (HFConfig, HFDataset)}
 
 
+def data_config(cfg: DictConfig) -> DataConfig:
+    """The run config's `data` section, typed (its dataset section by its own format's schema) and checked."""
+    data = typed_section(cfg.data, DataConfig, "data")
+    data.dataset = typed_section(cfg.data.dataset, dataset_schema(cfg.data.dataset.name), "data.dataset")
+    check_data_config(data)
+    return data
+
+
 def check_data_config(data: DataConfig) -> None:
-    if data.batching not in BATCHING:
-        raise ValueError(f"data.batching={data.batching!r} is not one of: {', '.join(BATCHING)}")
-    if data.on_error not in ON_ERROR:
-        raise ValueError(f"data.on_error={data.on_error!r} is not one of: {', '.join(ON_ERROR)}")
+    choices = {"data.batching": (data.batching, BATCHING), "data.on_error": (data.on_error, ON_ERROR)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}={value!r} is not one of: {', '.join(allowed)}. See TROUBLESHOOTING.md#config-key-errors."
+            )
     if not 0 <= data.max_skip_fraction <= 1:
-        raise ValueError(f"data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1]")
+        raise ConfigError(f"data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1]")
+    if data.batching == "grouped" and getattr(data.dataset, "streaming", False):
+        raise ConfigError(
+            "data.batching=grouped needs every sample's length up front, which a stream does not have; use padded "
+            "or packed with data.dataset.streaming=true. See TROUBLESHOOTING.md#streaming-resume."
+        )
 
 
 def dataset_schema(name: str) -> type:
     if name not in DATASETS:
-        raise ValueError(f"data.dataset.name={name!r} is not one of: {', '.join(DATASETS)}")
+        raise ConfigError(f"data.dataset.name={name!r} is not one of: {', '.join(DATASETS)}")
     return DATASETS[name][0]
 
 

@@ -1,6 +1,6 @@
 """Validation: loss on every sample, exact-match accuracy of greedy answers where answers are short.
 
-Works on any dataset of the contract (datasets.py): the reference answer is the sample's `answer`, or its
+Works on any dataset of the contract (vlm/data/formats.py): the reference answer is the sample's `answer`, or its
 last assistant message; `kind`, when given, splits accuracy by kind. Accuracy counts only samples whose
 reference fits in `max_new_tokens` (short-answer VQA); long-form data still gets its validation loss.
 Bad validation samples are skipped and counted by reason, as in training. With several processes each
@@ -19,8 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from vlm.data.bad_samples import BadSample
 from vlm.data.collate import Collator
 from vlm.data.processing import EncodedSample, SampleProcessor, last_answer
+from vlm.data.transfer import move_to
 from vlm.generation import GenerationSettings, generate_answers
-from vlm.training.device import move_to
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Each workaround of vlm/compat.py is still needed, or its version gate is right: a test here fails on the day a
+dependency no longer needs the workaround, so it can go. (The inductor graph-cache patch is shown to be needed in
+tests/test_packing.py, where its reproduction compiles anyway.)
+
+Run: pytest tests/test_compat.py
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from vlm.compat import (
+    UNBACKED_TAKES_MIN,
+    enable_lm_activation_checkpointing,
+    encode_plain_text,
+    is_out_of_memory,
+    safetensors_device,
+)
+from vlm.data.tokenizer import TokenizerConfig, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mark_unbacked_takes_min_from_torch_2_12():
+    assert UNBACKED_TAKES_MIN == (Version(torch.__version__).release >= (2, 12))
+
+
+def test_a_failed_cpu_allocation_is_a_runtime_error_not_out_of_memory():
+    with pytest.raises(RuntimeError) as failed:
+        torch.empty(2**50, dtype=torch.uint8)  # a pebibyte: refused at once, nothing is touched
+    assert not isinstance(failed.value, torch.OutOfMemoryError)  # what makes the message test necessary
+    assert is_out_of_memory(failed.value)
+
+
+def test_safetensors_refuses_the_indexed_cpu_device(tmp_path):
+    module = torch.nn.Linear(2, 2)
+    save_model(module, str(tmp_path / "m.safetensors"))
+    with pytest.raises(SafetensorError, match="cpu:0"):
+        load_model(module, str(tmp_path / "m.safetensors"), device="cpu:0")
+    load_model(module, str(tmp_path / "m.safetensors"), device=safetensors_device("cpu:0"))
+
+
+def test_activation_checkpointing_takes_the_current_name_without_a_warning():
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    lm = transformers.LlamaForCausalLM(config)
+    renamed = Version(transformers.__version__).release >= (5, 23)
+    assert hasattr(lm, "activation_checkpointing_enable") == renamed  # the feature gate matches the release
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated alias would warn
+        enable_lm_activation_checkpointing(lm)
+    assert lm.is_activation_checkpointing if renamed else lm.is_gradient_checkpointing
+
+
+def test_plain_text_encoding_equals_split_special_tokens_and_transformers_resets_the_flag():
+    corpus = ["What colour is the circle?", "red", "Is the <image> token text?"] * 20
+    tokenizer = build_tokenizer(TokenizerConfig(vocab_size=300), corpus, ["<|im_start|>", "<|im_end|>"])
+    texts = ["plain words", "a literal <image> in text", "<|im_end|> typed by a user", "ünïcode ✓ <|im_start|>"]
+    for text in texts:
+        tokenizer(text, add_special_tokens=False)  # transformers' default call leaves the backend flag off
+        ours = encode_plain_text(tokenizer, text)
+        assert ours == tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], text
+    # The flag our call leaves on the backend does not leak into transformers' own calls.
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert tokenizer("<image>", add_special_tokens=False)["input_ids"] == [image_id]
+
+
+def test_wandb_offline_tables_still_lose_their_images(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="compat")
+    table = wandb.Table(columns=["image"])
+    table.add_data(wandb.Image(np.zeros((8, 8, 3), np.uint8)))
+    run.log({"table": table})
+    files = run.dir
+    run.finish()
+    (written,) = glob.glob(f"{files}/media/table/*.table.json")
+    assert json.loads(Path(written).read_text())["data"][0][0] == "Image"  # the picture itself is not there
+
+
+FSDP_ON_CPU_PROBE = """
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=True)
+print(accelerator.num_processes, accelerator.distributed_type)
+"""
+
+
+def test_accelerate_leaves_a_cpu_fsdp_launch_without_fsdp(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(FSDP_ON_CPU_PROBE)
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["2 DistributedType.MULTI_CPU"] * 2  # two processes, and no FSDP

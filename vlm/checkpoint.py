@@ -1,0 +1,399 @@
+"""The on-disk format of trained models and resumable checkpoints: what they hold, how they are written and read.
+
+A model directory (`checkpoints/final`, `vlm.save_pretrained`, `python -m vlm.export`; every step checkpoint is one):
+  model.safetensors   weights (tied tensors stored once)
+  config.yaml         the resolved run config: model architecture, chat format, image settings
+  tokenizer/          the tokenizer, a locally trained one included
+  lm/config.json      the LM's transformers config, so reloading never touches the hub
+  language_model/     (exports only) the LM alone in transformers format, for tools that know nothing of vlm
+A resumable checkpoint (`checkpoints/step_NNNNNNNN/`) adds
+  training_state.pt   optimizer, scheduler and grad scaler states, every process's RNG states
+  trainer_state.json  the loop's progress (step, micro-batch size, bad steps and samples, stream position) and
+                      the global batch size; written last, so its presence marks a complete checkpoint.
+The data position is the step: batches are a pure function of (seed, step) (vlm/training/batching.py).
+`checkpoints/best.json` names the best evaluated step, which rotation keeps.
+
+Writes go to a hidden directory renamed into place when complete, so a run killed mid-save (kill -9, node loss)
+leaves the previous checkpoint intact and the partial one invisible; leftovers are removed at the next start.
+Under FSDP each process holds shards: saving gathers the full tensors to process 0 (collectives, so every process
+calls `save`), a checkpoint is the same consolidated files as without FSDP, and loading hands each process its
+shard. This module knows nothing of the loop: the trainer hands it its progress and gets it back on resume.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from vlm.compat import safetensors_device
+from vlm.data.chat_format import ChatFormat, check_chat_template
+from vlm.data.formats import DataConfig, data_config
+from vlm.data.tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer"
+LM_CONFIG = "lm"
+EXPORTED_LM = "language_model"
+TRAINING_STATE = "training_state.pt"
+TRAINER_STATE = "trainer_state.json"
+BEST = "best.json"
+FINAL = "final"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+HIGHER_IS_BETTER = {"val_accuracy": True, "val_loss": False}  # the metrics a best checkpoint can be chosen by
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class ResumeMismatchError(ValueError):
+    pass
+
+
+# ----- model directories -----------------------------------------------------------------------
+
+
+def save_pretrained(
+    directory: Path,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DictConfig,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """`weights`: the full state dict when the model's own tensors are shards (FSDP)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if weights is None:
+        save_model(model, str(directory / WEIGHTS))
+    else:
+        save_file(_unshared(weights), str(directory / WEIGHTS), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory / TOKENIZER)
+    model.lm.config.save_pretrained(directory / LM_CONFIG)
+    OmegaConf.save(cfg, directory / CONFIG, resolve=True)
+
+
+def export_language_model(directory: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The LM alone in transformers format (weights, config, tokenizer): `AutoModelForCausalLM.from_pretrained`
+    loads it anywhere. Its vocabulary includes the image token, which text-only use never produces."""
+    model.lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@dataclass
+class SavedModel:
+    """A model directory read back offline: its run config, rewritten to rebuild from the directory alone (the saved
+    tokenizer and LM config, no pretrained weights to fetch), and the tokenizer and chat format it was trained with."""
+
+    directory: Path
+    config: DictConfig
+    data: DataConfig
+    tokenizer: PreTrainedTokenizerBase
+    chat_format: ChatFormat
+
+    def load_weights(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
+        load_model(model, str(self.directory / WEIGHTS), device=safetensors_device(device))
+        return model.to(device)
+
+
+def read_model_directory(directory: Path) -> SavedModel:
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS}: give a checkpoints/final or step_* directory")
+    cfg = OmegaConf.load(directory / CONFIG)
+    cfg.data.tokenizer.pretrained = str(directory / TOKENIZER)  # no hub access, no re-training of the tokenizer
+    cfg.model.lm.pretrained = None
+    cfg.model.lm.config = AutoConfig.from_pretrained(directory / LM_CONFIG).to_dict()
+    cfg.model.vision.pretrained = False
+    cfg.model.vision.weights_path = None
+    data = data_config(cfg)
+    tokenizer = build_tokenizer(data.tokenizer, [], data.chat.special_tokens)
+    chat_format = ChatFormat(data.chat, tokenizer)
+    check_chat_template(chat_format)
+    return SavedModel(directory, cfg, data, tokenizer, chat_format)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give repeats their own copy."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out
+
+
+# ----- RNG states ------------------------------------------------------------------------------
+
+
+def rng_states() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----- the checkpoint directory: atomic writes, rotation, the best step ---------------------------
+
+
+def step_of(path: Path) -> int:
+    match = STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def is_complete(path: Path) -> bool:
+    return (path / TRAINER_STATE).is_file() and (path / TRAINING_STATE).is_file()
+
+
+class CheckpointDirectory:
+    """`run_dir/checkpoints`. With several processes every one keeps the same view of the best evaluation (they all
+    see the same merged metrics) but only the writer touches the disk."""
+
+    def __init__(self, path: Path, keep_last: int, best_metric: str | None, writer: bool = True):
+        self.path = Path(path)
+        self.keep_last, self.best_metric, self.writer = keep_last, best_metric, writer
+        if writer:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for stale in self.path.glob(".tmp-*"):  # partial writes of a killed run
+                log.warning("removing partial checkpoint %s left by an interrupted save", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        path = self.path / BEST
+        self._best = json.loads(path.read_text()) if path.exists() else None
+
+    def checkpoints(self) -> list[Path]:
+        """Complete step checkpoints, oldest first."""
+        if not self.path.is_dir():
+            return []
+        found = [p for p in self.path.iterdir() if step_of(p) >= 0 and is_complete(p)]
+        return sorted(found, key=step_of)
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Write via `write(tmp_dir)` (which must write TRAINER_STATE last), then rename into place."""
+        final = self.path / f"step_{step:08d}"
+        tmp = self.path / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if final.exists():  # re-saving a step (e.g. a stop signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._rotate()
+        return final
+
+    def record_eval(self, step: int, metrics: dict) -> bool:
+        """Remember the best step by `best_metric`; True if this step is the new best."""
+        if not self.best_metric or self.best_metric not in metrics:
+            return False
+        best, value = self.best(), metrics[self.best_metric]
+        higher = HIGHER_IS_BETTER[self.best_metric]
+        if best is not None and (value <= best["value"] if higher else value >= best["value"]):
+            return False
+        self._best = {"step": step, "metric": self.best_metric, "value": value}
+        if self.writer:
+            tmp = self.path / f".tmp-{BEST}"
+            tmp.write_text(json.dumps(self._best))
+            os.replace(tmp, self.path / BEST)
+        return True
+
+    def best(self) -> dict | None:
+        return self._best
+
+    def _rotate(self) -> None:
+        best = self.best()
+        keep_step = best["step"] if best else None
+        found = self.checkpoints()
+        for path in found[: max(0, len(found) - self.keep_last)]:
+            if step_of(path) != keep_step:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def resume_path(self, resume: str | None) -> Path | None:
+        """`train.resume`: null -> None; auto -> the newest complete checkpoint here (or None); else a path."""
+        if not resume:
+            return None
+        if resume == "auto":
+            found = self.latest()
+            if found is None:
+                log.info("train.resume=auto: no checkpoint in %s yet; starting from scratch", self.path)
+            return found
+        path = Path(resume)
+        if not is_complete(path):
+            raise FileNotFoundError(
+                f"train.resume={resume!r} is not a complete checkpoint directory (it needs {TRAINING_STATE} and "
+                f"{TRAINER_STATE}). See TROUBLESHOOTING.md#resume-mismatch."
+            )
+        return path
+
+
+# ----- weights and optimizer state of a plain, DDP or FSDP model ---------------------------------
+
+
+class ShardedState:
+    """The same files whether the model is plain, DDP or FSDP: under FSDP, full tensors gathered to process 0 on
+    save (collectives) and each process's shard taken from them on load."""
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.sharded = accelerator.is_fsdp2
+
+    def gather_weights(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP a collective: the full weights, on process 0's CPU. None: save the module itself."""
+        return get_model_state_dict(self.model, options=FULL) if self.sharded else None
+
+    def load_weights(self, path: Path) -> None:
+        if not self.sharded:
+            device = safetensors_device(self.accelerator.device)
+            load_model(self.accelerator.unwrap_model(self.model), str(path), device=device)
+            return
+        full = load_file(str(path))
+        every = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        tied = every - {n for n, _ in self.model.named_parameters()}
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(self.model, full, options=options)
+        missing = set(missing) - tied  # a tied weight is stored once
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
+
+    def optimizer_state(self) -> dict:
+        """Under FSDP a collective: the full state, keyed by parameter name, on process 0."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        return get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=FULL)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if not self.sharded:
+            self.optimizer.load_state_dict(state)
+            return
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer.optimizer, state, options=options)
+
+
+# ----- what the trainer uses ---------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue. The trainer hands over its own progress (a dict of
+    JSON values) and gets it back on resume. Every process calls every method; only process 0 writes."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator, model, optimizer, scheduler,
+                 tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, global_batch_size: int,
+                 keep_last: int, best_metric: str | None):  # fmt: skip
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.tokenizer, self.cfg, self.global_batch_size = tokenizer, cfg, global_batch_size
+        self.state = ShardedState(accelerator, model, optimizer)
+        writer = accelerator.is_main_process
+        self.directory = CheckpointDirectory(Path(run_dir) / "checkpoints", keep_last, best_metric, writer)
+
+    def save(self, step: int, progress: dict) -> Path | None:
+        """A resumable checkpoint of `step`; its path on process 0, None on the others."""
+        self.accelerator.wait_for_everyone()
+        rng = gather_object([rng_states()])  # every process's, by rank
+        weights, optimizer = self.state.gather_weights(), self.state.optimizer_state()  # FSDP: gathered to process 0
+
+        def write(directory: Path) -> None:
+            self._save_model(directory, weights)
+            scaler = self.accelerator.scaler
+            training_state = {
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng,
+            }
+            torch.save(training_state, directory / TRAINING_STATE)
+            trainer_state = {"global_batch_size": self.global_batch_size, **progress}
+            (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))  # last: marks completion
+
+        path = self.directory.save(step, write) if self.accelerator.is_main_process else None
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_final(self) -> None:
+        """The trained model alone (`checkpoints/final`): a model directory, not resumable."""
+        weights = self.state.gather_weights()
+        if self.accelerator.is_main_process:
+            self._save_model(self.directory.path / FINAL, weights)
+
+    def _save_model(self, directory: Path, weights: dict | None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        save_pretrained(directory, model, self.tokenizer, self.cfg, weights)
+
+    def load_weights(self, directory: Path) -> None:
+        """Model weights only (`train.init_from`): the next stage starting from the previous stage's result."""
+        try:
+            self.state.load_weights(Path(directory) / WEIGHTS)
+        except (RuntimeError, FileNotFoundError) as err:
+            raise ResumeMismatchError(
+                f"cannot load weights from {directory}: {err}. The model config must match the checkpoint's "
+                "(compare its config.yaml). See TROUBLESHOOTING.md#resume-mismatch."
+            ) from err
+
+    def restore(self, directory: Path) -> dict:
+        """Weights, optimizer, scheduler, grad scaler and RNG states of a resumable checkpoint; returns the progress
+        the trainer handed to `save`."""
+        progress = json.loads((directory / TRAINER_STATE).read_text())
+        self._check_compatible(directory, progress)
+        self.load_weights(directory)
+        state = torch.load(directory / TRAINING_STATE, weights_only=True)
+        self.state.load_optimizer_state(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self._restore_rng(state["rng"])
+        log.info("resumed from %s at step %d", directory, progress["step"])
+        return progress
+
+    def _check_compatible(self, directory: Path, progress: dict) -> None:
+        problems = []
+        if progress["global_batch_size"] != self.global_batch_size:
+            problems.append(f"train.global_batch_size {progress['global_batch_size']} -> {self.global_batch_size}")
+        if AutoTokenizer.from_pretrained(directory / TOKENIZER).get_vocab() != self.tokenizer.get_vocab():
+            problems.append("the tokenizer differs from the checkpoint's")
+        if problems:
+            raise ResumeMismatchError(
+                f"cannot resume exactly from {directory}: {'; '.join(problems)}. Resume with the checkpoint's "
+                "config, or start a new run with train.init_from. See TROUBLESHOOTING.md#resume-mismatch."
+            )
+
+    def _restore_rng(self, saved: list[dict] | dict) -> None:
+        saved = [saved] if isinstance(saved, dict) else saved  # checkpoints from before per-process RNG
+        world_size, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if len(saved) != world_size:
+            log.warning(
+                "the checkpoint holds RNG states of %d process(es), this run has %d: dropout and sampling continue "
+                "from process 0's state, so the run will not repeat the interrupted one exactly",
+                len(saved),
+                world_size,
+            )
+        restore_rng_states(saved[rank] if len(saved) == world_size else saved[0])
