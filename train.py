@@ -1,11 +1,15 @@
 """Train a vision-language model: `python train.py +experiment=shapes [key=value ...]`.
 
 The composition root: the whole config is checked before anything is built, every part is built once, and the
-trainer gets them ready-made.
+trainer gets them ready-made. A mistake in the command or the data prints its message alone and exits 2 (1 when the
+run fails on its data); a run stopped by a signal saves a checkpoint and exits 128 + the signal's number (130 for
+Ctrl-C, 143 for SIGTERM), so schedulers and scripts never take it for a finished run.
 """
 
 import json
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vlm.build import build_components, validate_config
+from vlm.config import CONFIG_DIR, check_overrides
+from vlm.errors import reported_as_message
 from vlm.training.device import configure_cpu_allocator, configure_cuda_allocator
 from vlm.training.distributed import build_accelerator, describe, log_to_own_file
 from vlm.training.trainer import Trainer
@@ -37,11 +43,32 @@ def build_trainer(cfg: DictConfig, run_dir: Path, trainer_class: type[Trainer] =
     return trainer_class(cfg, run, parts, accelerator, run_dir, started)
 
 
-@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    metrics = build_trainer(cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
+    try:
+        with reported_as_message():
+            metrics = build_trainer(cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: the user chose not to wait for the checkpoint
+        print("interrupted again: stopped at once, without saving this step's checkpoint", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    if "stopped_by" in metrics:
+        sys.exit(stop_exit_code(metrics["stopped_by"]))
     log.info("final metrics: %s", json.dumps(metrics))
 
 
-if __name__ == "__main__":
+def stop_exit_code(stopped_by: str) -> int:
+    """128 + the signal's number; a process stopped because another one got a signal exits as under SIGTERM."""
+    return 128 + (signal.Signals[stopped_by] if stopped_by in signal.Signals.__members__ else signal.SIGTERM)
+
+
+def run(argv: list[str]) -> None:
+    """The command line: a mistyped key is named with the key meant before Hydra runs (Hydra itself would suggest
+    appending it with `+`); options such as `--cfg job` go to Hydra as they are."""
+    if not any(arg.startswith("-") for arg in argv):
+        with reported_as_message():
+            check_overrides(argv)
     main()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

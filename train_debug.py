@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from vlm.build import build_components, validate_config
-from vlm.config import CONFIG_DIR
+from vlm.config import compose_config
 from vlm.debug.diagnostics import DebugOptions, Suite
+from vlm.errors import reported_as_message
 from vlm.training.device import configure_cpu_allocator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,8 +62,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def load_config(overrides: list[str], large_scale: bool):
     if not any(o.startswith("+experiment=") for o in overrides):
         overrides = ["+experiment=debug", *overrides]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, *(LARGE_SCALE if large_scale else [])])
+    return compose_config([*overrides, *(LARGE_SCALE if large_scale else [])])
 
 
 def options_from(args: argparse.Namespace, cfg) -> DebugOptions:
@@ -138,10 +137,11 @@ def table(results: dict, options: DebugOptions) -> str:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     args, overrides = parse_args(argv)
-    cfg = load_config(overrides, args.large_scale)
-    configure_cpu_allocator(cfg.train.cpu_keep_freed_bytes)
-    torch.manual_seed(0)
-    parts = build_components(validate_config(cfg))
+    with reported_as_message():
+        cfg = load_config(overrides, args.large_scale)
+        configure_cpu_allocator(cfg.train.cpu_keep_freed_bytes)
+        torch.manual_seed(0)
+        parts = build_components(validate_config(cfg))
     options = options_from(args, cfg)
     results = Suite(parts.model, set(parts.tokenizer.all_special_ids), options).run()
     results.update(config=cfg.experiment_name, large_scale=args.large_scale, device=str(options.device),

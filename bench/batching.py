@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vlm.data.shapes_export import export
+from vlm.data.shapes_export import data_overrides, export
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("/tmp/bench_batching")
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     )
     args, overrides = parser.parse_known_args(argv)
     corpus = spread_corpus(args.records)
-    common = ["+experiment=llava_tiny", f"data.dataset.path={corpus}", "data.max_length=1024", "data.tokenizer.vocab_size=1000",
+    common = ["+experiment=llava_tiny", *data_overrides(corpus), "data.max_length=1024", "data.tokenizer.vocab_size=1000",
               f"train.max_steps={args.steps}", "train.eval_every=0", "train.log_every=1",
               "data.dataset.max_val_samples=16", *overrides]  # fmt: skip
     for batch in map(int, args.batch_sizes.split(",")):
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
     shapes = ["+experiment=shapes", f"train.max_steps={args.steps}", "train.eval_every=0", "train.log_every=1",
               "data.dataset.val_size=16", *overrides]  # fmt: skip
     plain = export(OUT / "plain", records=3000, image_size=64)  # the llava_tiny experiment's usual corpus
-    llava = ["+experiment=llava_tiny", f"data.dataset.path={plain}", *shapes[1:4], *overrides]  # its own batch size
+    llava = ["+experiment=llava_tiny", *data_overrides(plain), *shapes[1:4], *overrides]  # its own batch size
     for experiment, base in [("llava_tiny", llava), ("shapes", shapes)]:
         for workers in [0, 2]:
             print(

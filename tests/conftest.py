@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from tests.corpus import write_corpus
 from train import build_trainer
 from vlm.build import build_components, validate_config
-from vlm.data.shapes_export import export
+from vlm.data.shapes_export import data_overrides, export
 from vlm.training.parts import Components
 from vlm.training.trainer import Trainer
 
@@ -66,7 +66,7 @@ def make_trainer(run_dir: Path, *overrides: str) -> Trainer:
 def shapes_llava(tmp_path_factory) -> list[str]:
     """Data overrides for a 192-record LLaVA-format export of Shapes VQA (learnable, every record good)."""
     path = export(tmp_path_factory.mktemp("shapes_llava"), records=192, image_size=32)
-    return [f"data.dataset.path={path}", "data.dataset.val_fraction=0.1"]
+    return [*data_overrides(path), "data.dataset.val_fraction=0.1"]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY, TINY_MODEL, TINY_VIT, compose_config, new_trainer
-from vlm.data.shapes_export import export
+from vlm.data.shapes_export import data_overrides, export
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["train.max_steps=5", "train.global_batch_size=8", "train.log_every=1", "train.eval_every=0",
@@ -182,9 +182,9 @@ def one_image_corpus(directory: Path) -> list[str]:
     for record in records[1:]:
         del record["image"]
         record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>", "").strip()
-    records[2]["image"] = "images/does_not_exist.png"
+    records[2]["image"] = "does_not_exist.png"
     path.write_text(json.dumps(records))
-    return [f"data.dataset.path={path}", "data.dataset.val_fraction=0.2"]
+    return [*data_overrides(path), "data.dataset.val_fraction=0.2"]
 
 
 def test_a_step_with_all_images_on_one_process_completes(tmp_path):
@@ -223,7 +223,8 @@ def test_resumed_two_process_run_repeats_the_uninterrupted_one(tmp_path):
     straight = launch(tmp_path / "straight", args)
     script = tmp_path / "stop_on_process_0.py"
     script.write_text(STOP_ON_PROCESS_0)
-    stopped = launch(tmp_path / "resumed", args, script=str(script))
+    stopped = launch(tmp_path / "resumed", args, script=str(script), expect_ok=False)
+    assert "exitcode: 143" in stopped.stderr  # a stopped run is no finished one: 128 + SIGTERM, on every process
     assert (tmp_path / "resumed" / "checkpoints" / "step_00000002").is_dir()
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     resumed = launch(tmp_path / "resumed", [*args, "train.resume=auto"])
@@ -244,7 +245,9 @@ def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path)
     assert straight.metrics["val_loss"] == pytest.approx(one_process.metrics["val_loss"], rel=1e-5)
     script = tmp_path / "stop_on_process_0.py"
     script.write_text(STOP_ON_PROCESS_0)
-    launch(tmp_path / "resumed", SHAPES, via="fsdp", script=str(script))
+    assert (
+        "exitcode: 143" in launch(tmp_path / "resumed", SHAPES, via="fsdp", script=str(script), expect_ok=False).stderr
+    )
     resumed = launch(tmp_path / "resumed", [*SHAPES, "train.resume=auto"], via="fsdp")
     assert_close(straight.losses, resumed.losses, rel=1e-6)
     assert_same_weights(straight.weights(), resumed.weights(), rel=1e-6)

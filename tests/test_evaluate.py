@@ -66,6 +66,7 @@ def test_the_page_shows_the_table_and_each_sample_with_its_images(evaluated):
     for kind in report["val_accuracy_by_kind"]:
         assert f"accuracy: {kind}" in page
     assert f"{report['val_accuracy']:.3f}" in page and "exact match" in page
+    assert "data:\n  dataset:\n" in page and "{&#39;name&#39;" not in page  # the data config as YAML, not a repr
 
 
 def test_the_page_puts_wrong_answers_first_and_escapes_text(evaluated, tmp_path):
@@ -88,7 +89,7 @@ def test_another_data_format_and_file(run, shapes_llava, tmp_path):
     run_dir, _ = run
     path = shapes_llava[0].split("=", 1)[1]
     checkpoint = f"checkpoint={run_dir / 'checkpoints' / 'final'}"
-    code = evaluate_main([checkpoint, f"output_dir={tmp_path}", "data=llava", f"data.dataset.path={path}",
+    code = evaluate_main([checkpoint, f"output_dir={tmp_path}", "data=llava", *shapes_llava[:2],
                           f"data.dataset.val_path={path}", "max_new_tokens=4"])  # fmt: skip
     assert code == 0
     report = json.loads((tmp_path / "eval.json").read_text())

@@ -1,15 +1,20 @@
-"""The shapes dataset: deterministic, balanced, and train/validation never share a scene+question.
+"""The shapes dataset: deterministic, balanced, train/validation never share a scene+question, and a record's kind is
+the kind of the question evaluation scores.
 
 Run: pytest tests/test_shapes.py
 """
 
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
+from vlm.data.llava import LlavaConfig, LlavaDataset
 from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, given_away, valid_questions
-from vlm.evaluation import majority_baseline
+from vlm.data.shapes_export import export
+from vlm.evaluation import evaluate, majority_baseline
 
 
 def test_same_seed_same_samples_other_seed_other_samples():
@@ -100,3 +105,34 @@ def test_extra_question_weights_shift_the_training_mix_only():
         ShapesVQA(ShapesConfig(extra_question_weights={"positoin": 2.0}), "train", 32)
     with pytest.raises(ValueError, match="extra_question_weights must be >= 0.*'count': -1.0"):
         ShapesVQA(ShapesConfig(extra_question_weights={"count": -1.0}), "train", 32)
+
+
+KIND_OF_QUESTION = {"What colour": "colour", "What shape": "shape", "How many": "count", "Where is": "position"}
+
+
+def kind_of(question: str) -> str:
+    """A question's kind read from its words alone: a reference independent of the dataset's own bookkeeping."""
+    return next(kind for start, kind in KIND_OF_QUESTION.items() if question.strip().startswith(start))
+
+
+def test_a_multi_turn_record_is_scored_under_its_last_questions_kind(tiny, tmp_path):
+    """Evaluation scores the last answer; the exported `kind` and the per-kind accuracy must be that question's."""
+    path = export(tmp_path, records=40, image_size=32)
+    records = json.loads(path.read_text())
+    asked = [[kind_of(t["value"].replace("<image>\n", "")) for t in r["conversations"] if t["from"] == "human"]
+             for r in records]  # fmt: skip
+    mixed = [i for i, kinds in enumerate(asked) if len(set(kinds)) > 1 and kinds[0] != kinds[-1]]
+    assert mixed, "the corpus must hold multi-turn records whose first and last questions differ in kind"
+    assert all(records[i]["kind"] == asked[i][-1] for i in range(len(records)))
+    one = mixed[0]
+    (tmp_path / "one.json").write_text(json.dumps([records[one]]))
+    cfg = LlavaConfig(
+        path=str(tmp_path / "one.json"), val_path=str(tmp_path / "one.json"), image_root=str(tmp_path / "images")
+    )
+    result = evaluate(
+        tiny.model, tiny.processor, tiny.tokenizer, LlavaDataset(cfg, "val", 32), [0], 1, 8, torch.device("cpu")
+    )
+    (prediction,) = result.predictions
+    assert prediction["kind"] == asked[one][-1] != asked[one][0]
+    assert prediction["answer"] == records[one]["conversations"][-1]["value"]
+    assert list(result.accuracy_by_kind) == [asked[one][-1]]

@@ -14,7 +14,7 @@ from tests.conftest import compose_config, new_trainer
 from tests.test_resume import StopAfter, assert_bitwise_equal, losses, params
 from vlm.check_data import main as check_main
 from vlm.data.records import BadLine
-from vlm.data.shapes_export import export
+from vlm.data.shapes_export import data_overrides, export
 from vlm.data.streaming import IterableSource, JsonlSource, StreamPosition, WindowShuffledStream
 
 RECORDS = 23  # not a multiple of the window: the last window of an epoch is shorter
@@ -66,7 +66,7 @@ def test_a_saved_position_resumes_exactly(source, jsonl):
 
 
 def streaming_trainer(run_dir, corpus, *extra, trainer_class=None):
-    data = [f"data.dataset.path={corpus}", f"data.dataset.val_path={corpus}", "data.dataset.streaming=true",
+    data = [*data_overrides(corpus), f"data.dataset.val_path={corpus}", "data.dataset.streaming=true",
             "data.dataset.shuffle_window=10", "data.dataset.max_val_samples=8"]  # fmt: skip
     cfg = compose_config("train.max_steps=6", "train.global_batch_size=4", "train.eval_every=0",
                          "train.log_every=1", "train.best_metric=null", "+model.lm.config.attention_dropout=0.2",
@@ -102,7 +102,7 @@ def test_a_streamed_hf_dataset_trains_and_saves_its_own_state(tmp_path):
 
 def test_the_load_check_refuses_a_stream_with_a_clear_message(tmp_path, capsys):
     corpus = export(tmp_path / "corpus", records=8, image_size=32, jsonl=True)
-    code = check_main(["+experiment=llava_tiny", f"data.dataset.path={corpus}", f"data.dataset.val_path={corpus}",
+    code = check_main(["+experiment=llava_tiny", *data_overrides(corpus), f"data.dataset.val_path={corpus}",
                        "data.dataset.streaming=true"])  # fmt: skip
     assert code == 2 and "data.dataset.streaming=false" in capsys.readouterr().err
 

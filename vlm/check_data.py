@@ -16,14 +16,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlm.build import build_components, validate_config
-from vlm.config import CONFIG_DIR
+from vlm.cli import command
+from vlm.config import ConfigError, compose_config
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.formats import EncodedDataset
 from vlm.data.processing import SampleProcessor
@@ -67,19 +67,16 @@ def check_split(dataset: Dataset, processor: SampleProcessor, num_workers: int, 
     return report
 
 
+@command(__doc__)
 def main(overrides: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        run = validate_config(cfg)
+        run = validate_config(compose_config(overrides))
         if getattr(run.data.dataset, "streaming", False):
-            print(
-                "error: the check reads every record by position, which a stream does not offer; run it with "
-                "data.dataset.streaming=false (on the file itself, or on a sample of it)",
-                file=sys.stderr,
+            raise ConfigError(
+                "the check reads every record by position, which a stream does not offer; run it with "
+                "data.dataset.streaming=false (on the file itself, or on a sample of it)"
             )
-            return 2
         parts = build_components(run)
     except (HydraException, OmegaConfBaseException, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

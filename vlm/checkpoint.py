@@ -49,6 +49,7 @@ from vlm.compat import safetensors_device
 from vlm.data.chat_format import ChatFormat, check_chat_template
 from vlm.data.formats import DataConfig, data_config
 from vlm.data.tokenizer import build_tokenizer
+from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,11 @@ HIGHER_IS_BETTER = {"val_accuracy": True, "val_loss": False}  # the metrics a be
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError, ValueError):
+    pass
+
+
+class NotACheckpointError(UserError, FileNotFoundError):
     pass
 
 
@@ -117,7 +122,7 @@ class SavedModel:
 def read_model_directory(directory: Path) -> SavedModel:
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{directory} has no {WEIGHTS}: give a checkpoints/final or step_* directory")
+        raise not_a_model_directory(directory)
     cfg = OmegaConf.load(directory / CONFIG)
     cfg.data.tokenizer.pretrained = str(directory / TOKENIZER)  # no hub access, no re-training of the tokenizer
     cfg.model.lm.pretrained = None
@@ -129,6 +134,22 @@ def read_model_directory(directory: Path) -> SavedModel:
     chat_format = ChatFormat(data.chat, tokenizer)
     check_chat_template(chat_format)
     return SavedModel(directory, cfg, data, tokenizer, chat_format)
+
+
+def not_a_model_directory(path: Path) -> NotACheckpointError:
+    """The error for a path that holds no model: what a model directory is, and those found just below the path
+    (a run directory holds checkpoints/final and checkpoints/step_*)."""
+    what = f"a model directory holds {WEIGHTS}, {CONFIG} and {TOKENIZER}/: a run's checkpoints/final or step_*"
+    if not path.exists():
+        return NotACheckpointError(
+            f"checkpoint={path} does not exist ({what}). See TROUBLESHOOTING.md#not-a-model-directory."
+        )
+    found = sorted({weights.parent for depth in ("*/", "*/*/") for weights in path.glob(depth + WEIGHTS)})
+    listing = f"model directories under it: {', '.join(map(str, found[:8]))}" if found else "none under it either"
+    return NotACheckpointError(
+        f"checkpoint={path} has no {WEIGHTS}: it is not a model directory ({what}); {listing}. "
+        "See TROUBLESHOOTING.md#not-a-model-directory."
+    )
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,7 +271,7 @@ class CheckpointDirectory:
             return found
         path = Path(resume)
         if not is_complete(path):
-            raise FileNotFoundError(
+            raise NotACheckpointError(
                 f"train.resume={resume!r} is not a complete checkpoint directory (it needs {TRAINING_STATE} and "
                 f"{TRAINER_STATE}). See TROUBLESHOOTING.md#resume-mismatch."
             )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vlm.compat import mark_at_least_one_unbacked, tolerate_unbound_cache_guards
+from vlm.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def vision_blocks(backbone: nn.Module) -> list[nn.Module]:
 def lm_layers(lm: nn.Module) -> list[nn.Module]:
     layers = getattr(lm.base_model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
+        raise ConfigError(
             f"train.compile=regional: cannot find the decoder layers of {type(lm).__name__} (base_model.layers)"
         )
     return list(layers)
@@ -136,7 +137,7 @@ def mode_for_device(mode: str, device: torch.device) -> str:
 def apply_compile(model: nn.Module, mode: str) -> None:
     """Apply `mode` to a VisionLanguageModel in place."""
     if mode not in MODES:
-        raise ValueError(f"train.compile={mode!r} is not one of: {', '.join(MODES)}")
+        raise ConfigError(f"train.compile={mode!r} is not one of: {', '.join(MODES)}")
     if mode != "off":
         tolerate_unbound_cache_guards()
     if mode == "core":

@@ -1,8 +1,8 @@
 """eval.html: an evaluation a person can look at, as one self-contained file (images embedded, no server).
 
 The accuracy table first (overall, exact match, per kind, validation loss), then each shown sample: its images,
-the question, the reference answer, the prediction and whether it was right. Wrong answers come first: they are
-what a person opens the page for.
+the conversation up to the scored question (earlier turns too, greyed), the reference answer, the prediction and
+whether it was right. Wrong answers come first: they are what a person opens the page for.
 """
 
 import base64
@@ -30,9 +30,11 @@ th, td { border: 1px solid #ccc; padding: 0.4em 0.8em; text-align: left; vertica
 img { height: 160px; margin: 2px; image-rendering: pixelated; }  /* small images are scaled up, crisp */
 .right { background: #e6f4e6; } .wrong { background: #fbe4e4; }
 .mark { font-size: 1.4em; font-weight: bold; }
+.turn { color: #777; } .turn.asked { color: #222; }
+pre { background: #f6f6f6; padding: 0.6em; }
 </style></head><body>
 <h1>{{ title }}</h1>
-<p>{{ source }}</p>
+<pre>{{ source }}</pre>
 <table class="summary">
 <tr><th>metric</th><th>value</th><th>samples</th></tr>
 <tr><td>accuracy (normalised answers)</td><td>{{ fmt(summary.val_accuracy) }}</td><td>{{ summary.val_accuracy_samples }}</td></tr>
@@ -46,12 +48,12 @@ img { height: 160px; margin: 2px; image-rendering: pixelated; }  /* small images
 </table>
 <h2>{{ rows | length }} of {{ summary.val_accuracy_samples }} predictions ({{ wrong }} wrong shown first)</h2>
 <table class="samples">
-<tr><th></th><th>images</th><th>question</th><th>answer</th><th>prediction</th><th>kind</th><th>id</th></tr>
+<tr><th></th><th>images</th><th>conversation (the scored question last)</th><th>answer</th><th>prediction</th><th>kind</th><th>id</th></tr>
 {% for row in rows %}
 <tr class="{{ 'right' if row.correct else 'wrong' }}">
 <td class="mark">{{ '&#10003;' | safe if row.correct else '&#10007;' | safe }}</td>
 <td>{% for src in row.images %}<img src="{{ src }}" alt="image {{ loop.index }} of sample {{ row.id }}">{% else %}(text only){% endfor %}</td>
-<td>{{ row.question }}</td><td>{{ row.answer }}</td><td>{{ row.prediction }}</td><td>{{ row.kind }}</td><td>{{ row.id }}</td>
+<td>{% for turn in row.turns %}<div class="turn{{ ' asked' if loop.last else '' }}">{{ turn.role }}: {{ turn.text }}</div>{% endfor %}</td><td>{{ row.answer }}</td><td>{{ row.prediction }}</td><td>{{ row.kind }}</td><td>{{ row.id }}</td>
 </tr>
 {% endfor %}
 </table></body></html>
@@ -71,15 +73,18 @@ def _data_uri(image: Image.Image | np.ndarray) -> str:
 
 
 def _row(prediction: dict, sample: dict) -> dict:
-    """A prediction with its sample's images (as embedded PNGs) and its last question."""
+    """A prediction with its sample's images (as embedded PNGs) and its turns up to the scored question."""
     images = []
     for source in sample.get("images", []):
         try:
             images.append(_data_uri(load_image(source, f"sample {prediction['id']}")))
         except BadSample:  # it was evaluated, so this cannot happen unless the file changed since: show none
             continue
-    users = [message_text(m) for m in sample["messages"] if m["role"] == "user"]
-    return {**prediction, "images": images, "question": users[-1] if users else ""}
+    messages = sample["messages"]
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]  # the reference answer has its own column
+    turns = [{"role": m["role"], "text": message_text(m)} for m in messages]
+    return {**prediction, "images": images, "turns": turns}
 
 
 def write_eval_page(path: Path, title: str, source: str, summary: dict, predictions: list[dict], samples_by_index,

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.build import build_processor
 from vlm.checkpoint import read_model_directory
-from vlm.cli import UsageError, parse_args, resolve_device
+from vlm.cli import command, parse_args, resolve_device
 from vlm.config import CONFIG_DIR, ConfigError
 from vlm.data.formats import build_dataset, data_config
 from vlm.eval_page import write_eval_page
@@ -47,13 +47,10 @@ def with_data_overrides(saved: DictConfig, overrides: list[str]) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
 
 
+@command(__doc__)
 def main(argv: list[str]) -> int:
     data_args = [a for a in argv if a.startswith(("data=", "data."))]
-    try:
-        args = parse_args([a for a in argv if a not in data_args], KEYS, {"checkpoint", "output_dir"})
-    except UsageError as err:
-        print(f"{err}\n\n{__doc__}", file=sys.stderr)
-        return 2
+    args = parse_args([a for a in argv if a not in data_args], KEYS, {"checkpoint", "output_dir"})
     device = resolve_device(args.get("device", "auto"))
     saved = read_model_directory(args.checkpoint)
     try:  # the data first: a mistake there is reported before the model is built
@@ -73,9 +70,9 @@ def main(argv: list[str]) -> int:
     summary = result.summary()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source = f"checkpoint {args.checkpoint}; data {OmegaConf.to_container(cfg.data.dataset, resolve=True)}"
-    report = {"checkpoint": str(args.checkpoint), "data": OmegaConf.to_container(cfg.data.dataset, resolve=True),
-              **summary, "predictions": result.predictions}  # fmt: skip
+    dataset = OmegaConf.to_container(cfg.data.dataset, resolve=True)
+    source = OmegaConf.to_yaml({"checkpoint": str(args.checkpoint), "data": {"dataset": dataset}})
+    report = {"checkpoint": str(args.checkpoint), "data": dataset, **summary, "predictions": result.predictions}
     (out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
     write_eval_page(out / "eval.html", f"Evaluation of {args.checkpoint}", source, summary, result.predictions,
                     val_set.__getitem__, int(args.get("show", 100)))  # fmt: skip

@@ -9,24 +9,17 @@ import sys
 from pathlib import Path
 
 from vlm.checkpoint import EXPORTED_LM, export_language_model
-from vlm.cli import UsageError, parse_args
+from vlm.cli import command, parse_args
 from vlm.pretrained import load_pretrained
 
 USAGE = "usage: python -m vlm.export checkpoint=PATH output_dir=DIR"
 
 
+@command(USAGE)
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv, {"checkpoint", "output_dir"}, {"checkpoint", "output_dir"})
-    except UsageError as err:
-        print(f"{err}\n{USAGE}", file=sys.stderr)
-        return 2
+    args = parse_args(argv, {"checkpoint", "output_dir"}, {"checkpoint", "output_dir"})
     checkpoint, output = Path(args.checkpoint), Path(args.output_dir)
-    try:
-        loaded = load_pretrained(checkpoint)
-    except FileNotFoundError as err:
-        print(f"checkpoint={checkpoint}: {err}", file=sys.stderr)
-        return 2
+    loaded = load_pretrained(checkpoint)  # a path that is no model directory: a message naming those under it
     loaded.save_pretrained(output)
     export_language_model(output / EXPORTED_LM, loaded.model, loaded.tokenizer)
     print(f"exported {checkpoint} -> {output} (vlm) and {output / EXPORTED_LM} (transformers)")

@@ -13,7 +13,7 @@ from dataclasses import fields
 
 from transformers import TextStreamer
 
-from vlm.cli import UsageError, parse_args, resolve_device
+from vlm.cli import UsageError, command, parse_args, resolve_device
 from vlm.data.bad_samples import BadSample
 from vlm.generation import GenerationSettings, generate_answers
 from vlm.pretrained import load_pretrained
@@ -35,13 +35,10 @@ def conversation(args) -> dict:
     return {"images": [str(path) for path in images], "messages": messages}
 
 
+@command(__doc__)
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv, KEYS, {"checkpoint"})
-        sample = conversation(args)
-    except UsageError as err:
-        print(f"{err}\n\n{__doc__}", file=sys.stderr)
-        return 2
+    args = parse_args(argv, KEYS, {"checkpoint"})
+    sample = conversation(args)
     device = resolve_device(args.get("device", "auto"))
     loaded = load_pretrained(args.checkpoint, device)
     settings = GenerationSettings(**{k: args[k] for k in SETTINGS if k in args})

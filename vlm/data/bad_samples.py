@@ -11,6 +11,8 @@ process it lands in, so skipping keeps every equivalence (accumulation, back-off
 import logging
 from dataclasses import dataclass
 
+from vlm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # reason -> TROUBLESHOOTING.md anchor
@@ -28,6 +30,7 @@ REASONS = {
     "truncation_cuts_image": "truncation-cuts-image-tokens",
 }
 SHOWN_IDS = 5  # sample ids listed per reason in logs and summaries
+FIRST_DRAWS = 16  # every one of the first this many samples drawn bad: the data or its settings are wrong
 
 
 def sample_label(index: int, raw: dict | None = None) -> str:
@@ -36,8 +39,11 @@ def sample_label(index: int, raw: dict | None = None) -> str:
     return f"{index} (id {record_id!r})" if record_id is not None else str(index)
 
 
-class BadSample(ValueError):
-    """A sample that cannot be trained on; `reason` is a key of REASONS."""
+class BadSample(UserError, ValueError):
+    """A sample that cannot be trained on; `reason` is a key of REASONS. Raised out of a run only with
+    data.on_error=raise (the run fails on its data: exit 1)."""
+
+    exit_code = 1
 
     def __init__(self, reason: str, detail: str, sample: str = "?"):
         if reason not in REASONS:
@@ -70,8 +76,8 @@ class SkippedSample:
         return BadSample(self.reason, self.detail, self.label)
 
 
-class TooManyBadSamplesError(RuntimeError):
-    pass
+class TooManyBadSamplesError(UserError, RuntimeError):
+    exit_code = 1
 
 
 class SkipTally:
@@ -80,6 +86,7 @@ class SkipTally:
     def __init__(self, on_error: str = "skip", max_fraction: float = 0.05, judge_after: int = 256):
         self.on_error, self.max_fraction, self.judge_after = on_error, max_fraction, judge_after
         self.bad: dict[str, dict[int, str]] = {}  # reason -> {index: label}
+        self.first_detail: dict[str, str] = {}  # reason -> what was wrong with its first sample
         self.draws = self.bad_draws = 0
 
     def record(self, skipped: list[SkippedSample]) -> None:
@@ -88,6 +95,7 @@ class SkipTally:
             if self.on_error == "raise":
                 raise sample.error()
             seen = self.bad.setdefault(sample.reason, {})
+            self.first_detail.setdefault(sample.reason, f"sample {sample.label}: {sample.detail}")
             if not seen:
                 log.warning(
                     "%s Skipped (data.on_error=skip); further '%s' samples are counted, and listed at the end.",
@@ -99,6 +107,8 @@ class SkipTally:
         """Samples drawn in one step and how many were bad, summed over processes (so every rank agrees)."""
         self.draws += int(draws)
         self.bad_draws += int(bad_draws)
+        if self.draws >= FIRST_DRAWS:
+            self.check_something_usable()
         if self.draws >= self.judge_after and self.bad_draws > self.max_fraction * self.draws:
             raise TooManyBadSamplesError(
                 f"{self.bad_draws} of the {self.draws} samples drawn so far were bad ({self.bad_draws / self.draws:.1%}"
@@ -106,6 +116,25 @@ class SkipTally:
                 "vlm.check_data with the same overrides lists every bad record) or raise data.max_skip_fraction. "
                 "See TROUBLESHOOTING.md#too-many-bad-samples."
             )
+
+    def check_something_usable(self) -> None:
+        """Stop a run in which every sample drawn so far was bad: it has trained on nothing, and never will with
+        these settings. Checked after the first FIRST_DRAWS draws and at the end of a run of any length. The
+        counts are summed over processes, so every process stops alike."""
+        if self.draws == 0 or self.bad_draws < self.draws:
+            return
+        hint = ""
+        if set(self.bad) == {"image_missing"}:  # a wrong image root, most likely: say which root, which paths
+            hint = (
+                f" Every one is a missing image; the first: {self.first_detail['image_missing']}. Relative image "
+                "paths resolve against data.dataset.image_root (default: the data file's folder): set it to the "
+                "folder the records' paths are relative to."
+            )
+        raise TooManyBadSamplesError(
+            f"every one of the {self.draws} samples drawn was bad, so nothing was trained on: {self.describe()}.{hint} "
+            "python -m vlm.check_data with the same overrides lists every bad record. "
+            "See TROUBLESHOOTING.md#too-many-bad-samples."
+        )
 
     def counts(self) -> dict[str, int]:
         return {reason: len(seen) for reason, seen in sorted(self.bad.items())}

@@ -56,7 +56,7 @@ class ChatFormat:
         self.bos = (tokenizer.bos_token or "") if cfg.bos == "auto" else cfg.bos
         self.end_of_turn_ids = self._template(cfg.end_of_turn)
         if not self.end_of_turn_ids:
-            raise ValueError("data.chat.end_of_turn must not be empty: generation needs a token to stop on")
+            raise ConfigError("data.chat.end_of_turn must not be empty: generation needs a token to stop on")
 
     @property
     def stop_token_id(self) -> int:

@@ -7,7 +7,9 @@ The contract, in one place. A dataset is a map-style `torch.utils.data.Dataset`,
   file path), and `messages`, a list of `{"role": "user" | "assistant" | "system", "content": str |
   [{"type": "image"} | {"type": "text", "text": str}]}` with one image part per image, in order;
 - optional: `id` (named in every message about the sample), `answer` (the reference for exact-match
-  evaluation; default: the last assistant message), `kind` (accuracy is also reported per kind).
+  evaluation of the last question; default: the last assistant message), `kind` (the last question's kind:
+  accuracy is also reported per kind, and evaluation scores the last answer, so a multi-turn record carries the
+  kind of its last question, not of its first).
 `__getitem__` raises `BadSample(reason, detail)` for a record it cannot turn into a sample; the
 sample is then skipped and counted (bad_samples.py). Optional: `corpus(limit)` yielding text for a
 locally trained tokenizer, when reading samples is expensive (default: the first samples' messages).
@@ -31,6 +33,7 @@ from vlm.data.llava import LlavaConfig, LlavaDataset
 from vlm.data.processing import EncodedSample, SampleProcessor, message_text
 from vlm.data.shapes import ShapesConfig, ShapesVQA
 from vlm.data.tokenizer import TokenizerConfig
+from vlm.errors import DataFileError
 
 ON_ERROR = ("skip", "raise")
 BATCHING = ("padded", "grouped", "packed")
@@ -88,7 +91,7 @@ def dataset_schema(name: str) -> type:
 def build_dataset(dataset_cfg: Any, split: str, image_size: int) -> Dataset:
     dataset = DATASETS[dataset_cfg.name][1](dataset_cfg, split, image_size)
     if len(dataset) == 0 and getattr(dataset, "stream", None) is None:
-        raise ValueError(f"the {split} split of data.dataset ({dataset_cfg.name}) is empty; for validation set "
+        raise DataFileError(f"the {split} split of data.dataset ({dataset_cfg.name}) is empty; for validation set "
                          "data.dataset.val_fraction > 0 or a validation path/split")  # fmt: skip
     return dataset
 

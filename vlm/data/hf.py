@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 
+from vlm.config import ConfigError
 from vlm.data.bad_samples import BadSample
 from vlm.data.conversation import IMAGE, llava_turns, place_images, role_of, text_of
 from vlm.data.records import RecordDataset, RecordsConfig, holdout_split
@@ -62,7 +63,7 @@ def open_split(cfg: HFConfig, split: str, streaming: bool = False) -> datasets.D
     if path.is_file():
         builder = cfg.builder or BUILDERS.get(path.suffix)
         if builder is None:
-            raise ValueError(f"data.dataset.path={cfg.path!r}: set data.dataset.builder for a {path.suffix} file")
+            raise ConfigError(f"data.dataset.path={cfg.path!r}: set data.dataset.builder for a {path.suffix} file")
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
     if cfg.builder:
         return datasets.load_dataset(cfg.builder, data_dir=str(path), split=split, streaming=streaming)
@@ -86,12 +87,12 @@ def resolve_columns(dataset: datasets.Dataset, wanted: HFColumns) -> HFColumns:
     for f in fields(HFColumns):
         given = getattr(wanted, f.name)
         if given is not None and given not in names:
-            raise ValueError(f"data.dataset.columns.{f.name}={given!r} is not a column; the dataset has "
+            raise ConfigError(f"data.dataset.columns.{f.name}={given!r} is not a column; the dataset has "
                              f"{sorted(names)}. See TROUBLESHOOTING.md#hf-column-mapping.")  # fmt: skip
         setattr(resolved, f.name, given if given is not None else (f.name if f.name in names else None))
     layouts = [name for name in LAYOUTS if getattr(resolved, name)]
     if len(layouts) != 1 or (layouts == ["question"] and not resolved.answer):
-        raise ValueError(
+        raise ConfigError(
             f"cannot tell the conversation layout from the columns {sorted(names)} (found: {layouts or 'none'}). Map "
             "exactly one of data.dataset.columns.messages / texts / conversations / question (+ answer). "
             "See TROUBLESHOOTING.md#hf-column-mapping."
@@ -114,7 +115,7 @@ class HFDataset(RecordDataset):
     def __init__(self, cfg: HFConfig, split: str, image_size: int):
         self.marker = cfg.image_marker
         if cfg.streaming and not cfg.val_split:
-            raise ValueError(
+            raise ConfigError(
                 "data.dataset.streaming=true needs data.dataset.val_split: a stream is never held out from"
             )
         own_split = split == "train" or not cfg.val_split

@@ -21,7 +21,8 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def resolve_image_path(root: Path, path: str, sample: str) -> Path:
-    """`path` (relative to `root`, or absolute) resolved; refused unless it lies inside `root` (already resolved)."""
+    """`path` (relative to `root`, or absolute) resolved; refused unless it lies inside `root` (already resolved) and
+    is a file there."""
     if not isinstance(path, str) or not path:
         raise BadSample("malformed_record", f"image path {path!r} is not a non-empty string", sample)
     resolved = (root / path).resolve()
@@ -29,6 +30,8 @@ def resolve_image_path(root: Path, path: str, sample: str) -> Path:
         raise BadSample(
             "image_outside_root", f"image path {path!r} resolves to {resolved}, outside the image root {root}", sample
         )
+    if not resolved.is_file():  # named with the root and the record's own path: a wrong root shows at once
+        raise BadSample("image_missing", f"image {path!r} is not under data.dataset.image_root={root}", sample)
     return resolved
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from vlm.config import ConfigError
 from vlm.data.bad_samples import BadSample, sample_label
 from vlm.data.images import resolve_image_path
 
@@ -40,7 +41,7 @@ class BadLine:
 def holdout_split(num_records: int, fraction: float, seed: int, split: str) -> list[int]:
     """Record positions of `split` ("train" or "val"): a seeded `fraction` of them for validation."""
     if not 0 <= fraction < 1:
-        raise ValueError(f"data.dataset.val_fraction={fraction} must be in [0, 1)")
+        raise ConfigError(f"data.dataset.val_fraction={fraction} must be in [0, 1)")
     order = np.random.default_rng(seed).permutation(num_records)
     held_out = max(1, round(num_records * fraction)) if fraction > 0 else 0
     chosen = order[:held_out] if split != "train" else order[held_out:]

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from vlm.config import ConfigError
+
 COLOURS = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -168,10 +170,12 @@ class ShapesVQA(Dataset):
         self.cfg, self.split, self.image_size = cfg, split, image_size
         unknown = set(cfg.extra_question_weights) - set(KINDS)
         if unknown:
-            raise ValueError(f"data.dataset.extra_question_weights has unknown kinds {sorted(unknown)}; kinds: {KINDS}")
+            raise ConfigError(
+                f"data.dataset.extra_question_weights has unknown kinds {sorted(unknown)}; kinds: {KINDS}"
+            )
         negative = {kind: w for kind, w in cfg.extra_question_weights.items() if w < 0}
         if negative:
-            raise ValueError(f"data.dataset.extra_question_weights must be >= 0 (0 leaves a kind out), got {negative}")
+            raise ConfigError(f"data.dataset.extra_question_weights must be >= 0 (0 leaves a kind out), got {negative}")
         self.size = cfg.train_size if split == "train" else cfg.val_size
         self._split_id = 0 if split == "train" else 1
 
@@ -216,13 +220,14 @@ class ShapesVQA(Dataset):
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": scene.question}]},
             {"role": "assistant", "content": scene.answer},
         ]
-        for question in self._extra_questions(scene, rng):
-            messages += [{"role": "user", "content": question.text}, {"role": "assistant", "content": question.answer}]
+        scored = scene  # evaluation scores the last answer: `answer` and `kind` are the last question's
+        for scored in self._extra_questions(scene, rng):
+            messages += [{"role": "user", "content": scored.text}, {"role": "assistant", "content": scored.answer}]
         return {
             "images": [render(scene, self.image_size, rng)],
             "messages": messages,
-            "answer": scene.answer,
-            "kind": scene.kind,
+            "answer": scored.answer,
+            "kind": scored.kind,
         }
 
     def corpus(self, limit: int = 2000):

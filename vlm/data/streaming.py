@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlm.data.records import BadLine
+from vlm.errors import DataFileError
 
 
 class JsonlSource:
@@ -105,7 +106,7 @@ class WindowShuffledStream:
                 break
         if not records:  # the source is exhausted: the next epoch
             if self.position.window == 0:
-                raise ValueError("the streamed training data holds no records")
+                raise DataFileError("the streamed training data holds no records")
             self.position = StreamPosition(self.position.epoch + 1)
             self._load_window()
             return

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from vlm.config import ConfigError
 from vlm.hub import loading
 
 
@@ -34,7 +35,7 @@ def build_language_model(cfg: LMConfig, vocab_size: int) -> PreTrainedModel:
     else:
         kwargs = dict(cfg.config)
         if "model_type" not in kwargs:
-            raise ValueError("model.lm.config needs a model_type (e.g. llama, qwen2) when model.lm.pretrained is null")
+            raise ConfigError("model.lm.config needs a model_type (e.g. llama, qwen2) when model.lm.pretrained is null")
         lm_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         lm_config.vocab_size = vocab_size
         lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation=cfg.attn_implementation, dtype=cfg.dtype)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlm.config import ConfigError
+
 
 @dataclass
 class ProjectorConfig:
@@ -57,7 +59,7 @@ def _positions(cfg: ProjectorConfig, tokens: int, dim: int, text_scale: float) -
         return nn.Identity()
     side = math.isqrt(tokens)
     if side * side != tokens:
-        raise ValueError(
+        raise ConfigError(
             f"model.projector.position_embedding needs a square grid of image tokens, got {tokens} "
             "(prefix tokens kept?). Set model.vision.drop_prefix_tokens=true or position_embedding=false. "
             "See TROUBLESHOOTING.md#pixel-shuffle-grid."
@@ -86,7 +88,7 @@ class PixelShuffleProjector(nn.Module):
         factor = cfg.factor
         side = math.isqrt(num_patches)
         if side * side != num_patches or side % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"model.projector.factor={factor} needs a square patch grid whose side divides by it, "
                 f"got {num_patches} patches. Change model.projector.factor or the image size, or set "
                 "model.vision.drop_prefix_tokens=true (see TROUBLESHOOTING.md#pixel-shuffle-grid)."
@@ -112,7 +114,7 @@ def build_projector(
 ) -> nn.Module:
     """`text_scale`: RMS of the LM's input embeddings, the scale `output_norm` gives image tokens."""
     if cfg.type not in PROJECTORS:
-        raise ValueError(f"model.projector.type={cfg.type!r} is not one of: {', '.join(PROJECTORS)}")
+        raise ConfigError(f"model.projector.type={cfg.type!r} is not one of: {', '.join(PROJECTORS)}")
     return PROJECTORS[cfg.type](vision_dim, lm_dim, num_patches, cfg, text_scale)
 
 

@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+from vlm.config import ConfigError
 from vlm.hub import loading
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class VisionEncoder(nn.Module):
                 [cfg.feature_layer], prune_norm=not cfg.final_norm, prune_head=True
             )
         except (AssertionError, IndexError) as err:
-            raise ValueError(
+            raise ConfigError(
                 f"model.vision.feature_layer={cfg.feature_layer} does not exist in {cfg.name} ({err}). "
                 "Use a block/stage index in range, or a negative index counted from the last one. "
                 "See TROUBLESHOOTING.md#vision-feature-layer-out-of-range."
@@ -61,7 +62,7 @@ class VisionEncoder(nn.Module):
                 dummy, indices=self._layer, intermediates_only=True, norm=self.cfg.final_norm
             )[0]
         except (AssertionError, RuntimeError) as err:  # a ViT built for another size rejects the image
-            raise ValueError(
+            raise ConfigError(
                 f"model.vision.image_size={self.cfg.image_size} does not fit {self.cfg.name} as built ({err}). "
                 "For a ViT set model.vision.model_kwargs.img_size to the same size (timm then resamples the "
                 "position embeddings). See TROUBLESHOOTING.md#image-size-differs-from-the-backbones-pretrained-size."

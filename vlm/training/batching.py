@@ -24,6 +24,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from vlm.config import ConfigError
 from vlm.data.formats import EncodedDataset, encode_or_skip
 from vlm.data.lengths import sample_lengths
 from vlm.data.streaming import StreamPosition, WindowShuffledStream
@@ -38,7 +39,7 @@ class StepSampler(Sampler[list[int]]):
     def __init__(self, dataset_size: int, global_batch_size: int, seed: int, start_step: int = 0,
                  rank: int = 0, world_size: int = 1, lengths: Sequence[int] | None = None, group_steps: int = 16):  # fmt: skip
         if global_batch_size > dataset_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={global_batch_size} exceeds the dataset's {dataset_size} samples"
             )
         self.dataset_size, self.global_batch_size, self.seed = dataset_size, global_batch_size, seed

@@ -22,11 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlm.compat import enable_fsdp_on_cpu
 from vlm.config import ConfigError
+from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     pass
 
 

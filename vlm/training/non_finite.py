@@ -4,11 +4,13 @@ the run, naming the samples. Its counts are part of a checkpoint (the trainer's 
 import logging
 import math
 
+from vlm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    exit_code = 1
 
 
 class NonFiniteSteps:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from vlm.config import ConfigError
 from vlm.training.train_config import ModuleSettings, TrainConfig
 
 STAGES = {
@@ -37,17 +38,17 @@ def _module_of(name: str) -> str:
 
 def _check_names(model: nn.Module, cfg: TrainConfig) -> None:
     if cfg.stage not in STAGES:
-        raise ValueError(f"train.stage={cfg.stage!r} is not one of: {', '.join(STAGES)}")
+        raise ConfigError(f"train.stage={cfg.stage!r} is not one of: {', '.join(STAGES)}")
     modules = {_module_of(n) for n, _ in model.named_parameters()}
     unknown = set(cfg.modules) - modules
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"train.modules names modules the model does not have: {sorted(unknown)} (has {sorted(modules)})"
         )
     names = [n for n, _ in model.named_parameters()]
     for override in cfg.param_overrides:
         if not any(re.search(override.pattern, n) for n in names):
-            raise ValueError(f"train.param_overrides pattern {override.pattern!r} matches no parameter name")
+            raise ConfigError(f"train.param_overrides pattern {override.pattern!r} matches no parameter name")
 
 
 def param_settings(model: nn.Module, cfg: TrainConfig) -> dict[str, ParamSettings]:
@@ -89,7 +90,7 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig, settings: dict[str, Par
         seen.add(id(param))
         groups.setdefault((_module_of(name), s.lr_scale, s.weight_decay), []).append(param)
     if not groups:
-        raise ValueError(f"train.stage={cfg.stage!r} with train.modules leaves no trainable parameter")
+        raise ConfigError(f"train.stage={cfg.stage!r} with train.modules leaves no trainable parameter")
     return [
         {
             "params": params,
@@ -125,7 +126,7 @@ def adamw(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup then the chosen decay; one multiplier for all groups, so each keeps its own base lr."""
     if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"train.schedule={cfg.schedule!r} is not one of: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"train.schedule={cfg.schedule!r} is not one of: {', '.join(SCHEDULES)}")
     extra = {"min_lr_rate": cfg.lr_min_ratio} if cfg.schedule == "cosine" else None
     return get_scheduler(
         SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup_steps,

@@ -34,7 +34,7 @@ def write_run_outputs(run_dir: Path, metrics: dict, predictions: list[dict], tra
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     lines = "".join(json.dumps(p, default=str) + "\n" for p in predictions)
     (run_dir / "val_predictions.jsonl").write_text(lines)
-    write_curves(train_log, run_dir / "curves.png", title)
+    write_curves(train_log, run_dir / "curves.png", title, metrics["majority_baseline"])
 
 
 def _fmt(value: float | None) -> str:

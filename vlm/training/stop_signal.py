@@ -1,7 +1,8 @@
 """SIGTERM / SIGINT (preemption, Ctrl-C) become a request to checkpoint and exit at the next step boundary.
 
 Stopping mid-step would lose the step or save a half-updated state; the handler only sets a flag
-the loop checks between steps. A second Ctrl-C interrupts at once, for a user who will not wait.
+the loop checks between steps. A second Ctrl-C interrupts at once, for a user who will not wait (train.py then says
+so in one line and exits 130, like the first's stop).
 """
 
 import logging
@@ -34,4 +35,9 @@ class StopSignal:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = name
-        log.warning("%s received: saving a checkpoint at the end of this step, then stopping", name)
+        log.warning(
+            "%s received: saving a checkpoint at the end of this step, then stopping (exit code %d); a second "
+            "Ctrl-C stops at once, without saving",
+            name,
+            128 + signum,
+        )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm.compat import log_table_with_images
+from vlm.config import ConfigError
 from vlm.data.images import load_image
 from vlm.data.processing import message_text
 
@@ -105,4 +106,4 @@ def build_tracker(cfg: LoggerConfig | None, run_dir: Path, config: dict) -> Trac
         return Tracker()
     if cfg.type == "wandb":
         return WandbTracker(cfg, run_dir, config)
-    raise ValueError(f"logger.type={cfg.type!r} is not one of: none, wandb")
+    raise ConfigError(f"logger.type={cfg.type!r} is not one of: none, wandb")

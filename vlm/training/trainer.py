@@ -103,9 +103,9 @@ class Trainer:
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         return self.model(move_to(batch, self.accelerator.device)).loss_sum
 
-    def accumulate_gradients(self, samples: list) -> tuple[float, float, int]:
+    def accumulate_gradients(self, samples: list) -> tuple[float | None, float, int]:
         """Backward over this process's share of a step; returns (step loss, step supervised tokens, token
-        positions this process computed, padding included).
+        positions this process computed, padding included); no loss for a step without a usable sample.
 
         Gradients end up as those of (sum of token losses over the whole step) / (its token count).
         Bad samples (SkippedSample) are counted and left out of every micro-batch.
@@ -118,7 +118,7 @@ class Trainer:
         step_tokens, draws, bad = self._all_processes_sum(local_tokens, len(samples), len(samples) - len(kept))
         self.data_skips.count_draws(draws, bad)
         if step_tokens == 0:
-            return math.nan, 0.0, 0
+            return None, 0, 0
         # DDP and FSDP average gradients over processes; scaling by the process count turns that into a sum.
         per_process_tokens = step_tokens / self.world_size
         loss_sum = self.accumulator.run(
@@ -136,11 +136,11 @@ class Trainer:
         loss, step_tokens, computed = self.accumulate_gradients(samples)
         real = sum(len(s.input_ids) for s in samples if not isinstance(s, SkippedSample))
         tokens = {"tokens": real, "computed_tokens": computed}
-        if step_tokens == 0:
-            log.warning("step %d: no supervised tokens in the whole step; skipped", self.step)
+        if step_tokens == 0:  # every sample of the step was bad: no loss, no update
+            log.warning("step %d: no usable sample in the whole step (all skipped as bad); no update", self.step)
             lrs = self._learning_rates()
             self.scheduler.step()
-            return {"loss": loss, "grad_norm": math.nan, **tokens, "skipped": True, **lrs}
+            return {"loss": None, "grad_norm": None, **tokens, "skipped": True, **lrs}
         max_norm = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))  # pre-clip norm
         skipped = self.bad_steps.check(self.step, loss, grad_norm, [s.index for s in samples])
@@ -188,11 +188,11 @@ class Trainer:
         tc = self.train_cfg
         self.model.train()
         batches = self.batches()
-        stats, stopping = {"loss": None}, None
+        last_loss, stopping = None, None  # the last step's loss that had one
         progress = tqdm(
             total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.is_main
         )
-        with StopSignal() as stop:
+        with StopSignal() as stop, progress:  # the bar is closed however the loop ends
             while self.step < tc.max_steps:
                 step_start = time.perf_counter()
                 samples = next(batches)
@@ -202,16 +202,16 @@ class Trainer:
                 stats = self.train_step(samples)
                 record = self._step_record(stats, time.perf_counter() - step_start, data_wait)
                 progress.update(1)
-                progress.set_postfix(
-                    loss=f"{stats['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-                )
+                last_loss = last_loss if stats["loss"] is None else stats["loss"]
+                loss = "-" if stats["loss"] is None else f"{stats['loss']:.4f}"
+                progress.set_postfix(loss=loss, lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 stopping = self._after_step(record, stop)
                 if stopping:
                     break
-        progress.close()
         if stopping:
             return self._stopped(stopping)
-        return self._finish(stats["loss"])
+        self.data_skips.check_something_usable()  # a run of any length that drew only bad samples fails here
+        return self._finish(last_loss)
 
     def _after_step(self, record: dict, stop: StopSignal) -> str | None:
         """Log, evaluate, save; returns why the run stops here (a signal to any process) or None."""
@@ -302,8 +302,9 @@ class Trainer:
         """Evaluate on the whole validation split, save the checkpoints, write metrics and predictions."""
         final = self.evaluate(len(self.parts.val_set))
         self._log_eval(final, self.step)
+        best = self.checkpointer.directory.record_eval(self.step, final.metrics())  # the final one may be the best
         self.checkpointer.save_final()
-        if self.train_cfg.save_every:
+        if self.train_cfg.save_every or best:  # best.json always names a resumable checkpoint that exists
             self.save()
         process = {
             "rank": self.rank,
