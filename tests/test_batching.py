@@ -31,6 +31,20 @@ def test_grouped_steps_cover_each_sample_once_and_hold_similar_lengths():
     assert any(g != sorted(g, reverse=True) for g in groups)  # inside a group the steps are shuffled, not longest first
 
 
+def test_an_epochs_shorter_last_group_draws_each_remaining_sample_once():
+    """203 samples, steps of 8, groups of 6 steps: 25 steps an epoch (3 samples left out), the last group a single
+    step. Every epoch draws 200 distinct samples, the last group's step included, and never the next epoch's."""
+    lengths = [_rng.randint(40, 1000) for _ in range(203)]
+    grouped = StepSampler(203, 8, seed=1, lengths=lengths, group_steps=6)
+    assert grouped.steps_per_epoch == 25
+    for epoch in range(2):
+        drawn = [i for s in range(25 * epoch, 25 * (epoch + 1)) for i in grouped.step_indices(s)]
+        assert len(drawn) == len(set(drawn)) == 200
+        last_group = grouped.step_indices(25 * epoch + 24)
+        assert len(last_group) == 8 and not set(last_group) & set(drawn[:-8])
+        assert set(drawn) <= set(grouped._permutation(epoch)[:200].tolist())  # this epoch's samples only
+
+
 def test_grouped_steps_are_a_pure_function_of_seed_and_step():
     first = StepSampler(200, 8, seed=3, lengths=LENGTHS, group_steps=4)
     again = StepSampler(200, 8, seed=3, lengths=LENGTHS, group_steps=4, start_step=7, rank=1, world_size=2)

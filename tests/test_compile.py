@@ -9,13 +9,14 @@ import math
 import random
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from tests.conftest import TINY_VIT, compose_config
 from vlm.build import build_components, validate_config
-from vlm.compile_policy import apply_compile, mode_for_device
+from vlm.compile_policy import apply_compile, mode_for_device, vision_blocks
 from vlm.data.collate import Collator
 from vlm.debug.synthetic import synthetic_batch
 from vlm.pretrained import load_pretrained, save_pretrained
@@ -108,4 +109,35 @@ def test_cpu_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(c
         assert mode_for_device("regionl", torch.device("cpu")) == "regionl"  # left for apply_compile's error
         assert mode_for_device("regional", torch.device("cuda")) == "regional"  # GPU kernels need no C++ compiler
     assert "train.compile=regional" in caplog.text and "TROUBLESHOOTING.md#no-c-compiler-for-cpu-compile" in caplog.text
-    assert mode_for_device("core", torch.device("cpu")) == "core"  # this machine has one
+    with pytest.MonkeyPatch.context() as found:  # a machine with a compiler keeps the mode (whatever this one has)
+        found.setattr("vlm.compile_policy.missing_cpu_compiler", lambda: None)
+        assert mode_for_device("core", torch.device("cpu")) == "core"
+
+
+def compiled_code(function) -> bool:
+    """Whether dynamo holds a compiled graph for this function's code: asked of torch, not of our bookkeeping."""
+    return bool(torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__))
+
+
+@pytest.mark.parametrize(
+    "tower, vision, found",
+    [("vit", TINY_VIT, {"vision_blocks": 2}), ("resnet-stage-2", ["model.vision.feature_layer=2"], {"vision_blocks": 2}),
+     ("resnet-stem", [], {"vision_tower": 1})],
+)  # fmt: skip
+def test_regional_compile_compiles_every_part_that_runs(tower, vision, found):
+    """Per part, what regional compile found and what dynamo really compiled in a training step: the ViT's blocks,
+    the blocks of the ResNet layers its feature layer keeps (timm prunes the later ones to empty containers), or the
+    whole tower when it runs no block (the shapes ResNet takes its stem); and every LM layer."""
+    torch._dynamo.reset()
+    model = build_components(validate_config(compose_config(*vision))).model
+    assert apply_compile(model, "regional") == {**found, "lm_layers": model.lm.config.num_hidden_layers}
+    model(synthetic_batch(model, 2, 64, torch.Generator().manual_seed(0))).loss_sum.backward()
+    backbone = model.vision.backbone
+    compiled_part = {"vit": lambda: backbone.blocks[0], "resnet-stage-2": lambda: backbone.layer2[0],
+                     "resnet-stem": lambda: model.vision}[tower]()  # fmt: skip
+    assert compiled_code(type(compiled_part).forward) and compiled_code(type(model.lm.base_model.layers[0]).forward)
+
+
+def test_a_convnet_with_stages_has_its_stages_found():
+    backbone = timm.create_model("convnext_atto", pretrained=False)
+    assert vision_blocks(backbone) == list(backbone.stages) and len(backbone.stages) == 4

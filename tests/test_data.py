@@ -361,3 +361,26 @@ def test_hf_validation_split_by_name(tmp_path):
     train, val = HFDataset(cfg, "train", 32), HFDataset(cfg, "val", 32)
     assert len(train) == 6 and len(val) == 2  # all training records train: none held out
     assert val[1]["messages"][0]["content"] == "validation 1?"
+
+
+def test_validation_comes_from_the_val_path_file(shapes_llava, tmp_path, capsys):
+    """data.dataset.val_path: every validation sample is a record of that file, and the training file keeps all of
+    its records (nothing held out of it)."""
+    train_path = Path(shapes_llava[0].split("=", 1)[1])
+    records = json.loads(train_path.read_text())
+    held_out = [{**record, "id": f"held-out-{i}"} for i, record in enumerate(records[:3])]
+    (tmp_path / "val.json").write_text(json.dumps(held_out))
+    data = [*shapes_llava[:2], f"data.dataset.val_path={tmp_path / 'val.json'}"]
+    cfg = compose_config("train.max_steps=1", "train.global_batch_size=4", "train.eval_every=0",
+                         experiment="llava_tiny", data=data)  # fmt: skip
+    trainer = new_trainer(cfg, tmp_path / "run")
+    val = trainer.parts.val_set
+    assert [val[i]["id"] for i in range(len(val))] == ["held-out-0", "held-out-1", "held-out-2"]
+    assert len(trainer.parts.train_set) == len(records)
+    trainer.fit()
+    predictions = (tmp_path / "run" / "val_predictions.jsonl").read_text().splitlines()
+    assert {json.loads(p)["id"] for p in predictions} == {"held-out-0", "held-out-1", "held-out-2"}
+    capsys.readouterr()
+    assert check_main(["+experiment=llava_tiny", *data]) == 0
+    out = capsys.readouterr().out
+    assert f"train: {len(records)} records" in out and "val: 3 records" in out

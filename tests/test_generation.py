@@ -7,6 +7,7 @@ Run: pytest tests/test_generation.py
 import torch
 from PIL import Image
 
+from vlm.data.collate import Collator
 from vlm.generate import main as generate_main
 from vlm.generation import GenerationSettings, generate_answers
 
@@ -28,15 +29,33 @@ def test_prompt_ids_at_generation_are_the_ids_seen_in_training(saved_model):
         assert trained.labels[len(prompt.input_ids)] != -100  # the answer's first token follows right after
 
 
-def test_cached_and_uncached_greedy_decoding_agree(saved_model):
+def greedy_by_full_forwards(model, batch: dict, steps: int) -> torch.Tensor:
+    """The reference: each new token the argmax of a full forward over the whole (left-padded) sequence so far."""
+    batch = {**batch, "labels": None}
+    new = []
+    for _ in range(steps):
+        token = model(batch).logits[:, -1].argmax(-1, keepdim=True)
+        new.append(token)
+        batch["input_ids"] = torch.cat([batch["input_ids"], token], 1)
+        batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
+    return torch.cat(new, 1)
+
+
+def test_cached_greedy_decoding_equals_full_forwards(saved_model):
+    """transformers decodes with the KV cache, left-padded prompts of different lengths in one batch: the same
+    tokens as recomputing the whole sequence at every step (positions, masks and cache all consistent)."""
     parts, _ = saved_model
     prompts = prompts_of(parts, [parts.val_set[i] for i in range(4)] + [MULTI_TURN])  # different lengths: left padding
     model = parts.model.eval()
-    answers = {cache: generate_answers(model, parts.tokenizer, prompts, GenerationSettings(8, use_cache=cache), "cpu")
-               for cache in (True, False)}  # fmt: skip
+    batch = Collator(parts.tokenizer.pad_token_id, padding_side="left")(prompts)
+    with torch.no_grad():
+        cached = model.generate(batch, max_new_tokens=8, min_new_tokens=8)
+        reference = greedy_by_full_forwards(model, batch, 8)
     model.train()
-    assert answers[True] == answers[False]
-    assert any(answers[True])  # the perturbed model says something, so the comparison means something
+    assert torch.equal(cached, reference)
+    assert (
+        len(set(map(tuple, cached.tolist()))) > 1
+    )  # the perturbed model says different things: the test means something
 
 
 def test_sampling_settings_reach_transformers(saved_model):
@@ -71,3 +90,53 @@ def test_generate_command_streams_the_answer_for_images_and_turns(saved_model, t
     assert "quote values" in capsys.readouterr().err
     assert generate_main([f"checkpoint={directory}", f"image={tmp_path / 'missing.png'}", "prompt=hi"]) == 1
     assert "TROUBLESHOOTING.md#missing-or-unreadable-image" in capsys.readouterr().err
+
+
+def test_decoding_feeds_one_new_token_per_step(saved_model):
+    """The KV cache is really used: after the prompt, each decoding step feeds the LM one token."""
+    parts, _ = saved_model
+    model, prompts = parts.model.eval(), prompts_of(parts, [parts.val_set[0]])
+    fed = []
+
+    def record(module, args, kwargs):
+        given = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        fed.append(given.shape[1])
+
+    hook = model.lm.register_forward_pre_hook(record, with_kwargs=True)
+    generate_answers(model, parts.tokenizer, prompts, GenerationSettings(6), "cpu")
+    hook.remove()
+    model.train()
+    assert len(fed) >= 3 and fed[0] == len(prompts[0].input_ids) and fed[1:] == [1] * (len(fed) - 1)
+
+
+def generated_ids(model, parts, prompts, settings) -> list[list[int]]:
+    """The new token ids of each answer, as transformers' generate returned them."""
+    returned = []
+    original = model.lm.generate
+
+    def generate(*args, **kwargs):
+        returned.append(original(*args, **kwargs))
+        return returned[-1]
+
+    model.lm.generate = generate
+    try:
+        generate_answers(model, parts.tokenizer, prompts, settings, "cpu")
+    finally:
+        del model.lm.generate
+    stop = model.token_ids.stop
+    return [[t for t in row.tolist() if t not in (stop, parts.tokenizer.pad_token_id)] for row in returned[0]]
+
+
+def test_top_p_and_the_repetition_penalty_reach_decoding(saved_model):
+    parts, _ = saved_model
+    model, prompts = parts.model.eval(), prompts_of(parts, [parts.val_set[i] for i in range(4)])
+    greedy = generate_answers(model, parts.tokenizer, prompts, GenerationSettings(8), "cpu")
+    torch.manual_seed(0)
+    nucleus = GenerationSettings(8, temperature=5.0, top_p=1e-9)  # only the likeliest token is left to sample
+    assert generate_answers(model, parts.tokenizer, prompts, nucleus, "cpu") == greedy
+    repeats = generated_ids(model, parts, prompts, GenerationSettings(24))
+    penalised = generated_ids(model, parts, prompts, GenerationSettings(24, repetition_penalty=1e9))
+    model.train()
+    repeated = lambda answers: sum(len(ids) - len(set(ids)) for ids in answers)  # noqa: E731
+    assert repeated(repeats) > 0  # greedy repeats itself somewhere ...
+    assert repeated(penalised) < repeated(repeats)  # ... and the penalty makes it repeat less

@@ -146,6 +146,22 @@ def test_compiled_packing_has_no_graph_breaks_or_recompiles(parts, monkeypatch):
         indices = rng.sample(range(len(parts.train_set)), rng.randint(2, 24))
         model(collate(pack_samples(encoded(parts, indices), BUDGET))).loss_sum.backward()
     assert counters["stats"]["unique_graphs"] == warm and not counters["graph_break"]
+    # Compiled packed rows give what the eager model gives each sample alone: the losses, and each one's logits.
+    samples = encoded(parts, range(8))
+    rows = pack_samples(samples, BUDGET)
+    assert max(len(r.members) for r in rows) >= 3  # really packed
+    packed = model(collate(rows))
+    by_id = {s.index: s for s in samples}
+    with torch.no_grad():
+        alone = {i: parts.model(collate([s])) for i, s in by_id.items()}
+        torch.testing.assert_close(
+            float(packed.loss_sum), sum(float(a.loss_sum) for a in alone.values()), rtol=1e-4, atol=0
+        )
+        for row_number, row in enumerate(rows):
+            for sample_id, span in segments(row, by_id):
+                torch.testing.assert_close(
+                    packed.logits[row_number, span], alone[sample_id].logits[0], rtol=1e-4, atol=1e-4
+                )
     # A compile that misses the AOTAutograd cache (another process, a changed forward) looks the backward up
     # in inductor's FX graph cache, where the entry stored above holds a guard that cannot be evaluated
     # (compat.tolerate_unbound_cache_guards): a miss, not a KeyError.

@@ -64,6 +64,33 @@ def test_max_bad_steps_in_a_row_stops_the_run_with_a_pointer(tmp_path):
         trainer.fit()
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_too(tmp_path):
+    """An overflow in the backward alone: the loss is fine, one gradient is not. The update must not happen."""
+    trainer = make_trainer(tmp_path, "train.max_steps=3", "train.global_batch_size=4", "train.warmup_steps=0")
+    weight = next(p for p in trainer.model.parameters() if p.requires_grad)
+    weight.register_hook(lambda grad: grad * float("inf") if trainer.step == 2 else grad)
+    steps = {}
+    original = trainer.train_step
+
+    def train_step(samples):
+        before = weight.detach().clone()
+        stats = original(samples)
+        steps[trainer.step] = (stats, torch.equal(weight, before))
+        return stats
+
+    trainer.train_step = train_step
+    metrics = trainer.fit()
+    stats, unchanged = steps[2]
+    assert np.isfinite(stats["loss"]) and not np.isfinite(stats["grad_norm"]) and stats["skipped"] and unchanged
+    assert not steps[3][0]["skipped"] and not steps[3][1] and metrics["skipped_non_finite_steps"] == 1
+
+
+def test_bad_steps_that_are_not_consecutive_never_stop_a_run(tmp_path):
+    trainer = make_trainer(tmp_path, "train.max_steps=6", "train.global_batch_size=4", "train.max_bad_steps=2")
+    poison_steps(trainer, {2, 4, 6})  # three bad steps, never two in a row
+    assert trainer.fit()["skipped_non_finite_steps"] == 3
+
+
 def test_pre_clip_norm_is_logged_and_clipping_bounds_the_update(tmp_path):
     trainer = make_trainer(tmp_path, "train.max_steps=2", "train.global_batch_size=4", "train.grad_clip=1e-3")
     samples = next(trainer.batches())

@@ -26,6 +26,10 @@ from vlm.config import ConfigError
 log = logging.getLogger(__name__)
 
 MODES = ("off", "core", "regional")
+# Inductor's CPU layout optimisation makes convolutions channels-last, but fake tensors cannot predict a
+# convolution's output strides over an unbacked (or dynamic) image count (see mark_image_count_unbacked), and the
+# compiled code's stride check then fails at run time: for every graph that holds the vision tower's convolutions.
+CONV_OPTIONS = {"layout_optimization": False}
 
 
 def mark_batch_and_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
@@ -69,14 +73,14 @@ def _mark_block_inputs(hidden: torch.Tensor, args: Iterable[Any], kwargs: dict, 
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
-def _compile_block(block: nn.Module, sequence: bool) -> None:
+def _compile_block(block: nn.Module, sequence: bool, options: dict | None = None) -> None:
     """Compile `block.forward` in place; inputs are marked dynamic first, in eager code.
 
     Without gradients (generation, with its KV cache objects) the block runs eagerly: decoding is
     not what the compiled training step is for, and cache updates would break the full graph.
     """
     eager_forward = block.forward
-    compiled_forward = torch.compile(eager_forward, fullgraph=True)
+    compiled_forward = torch.compile(eager_forward, fullgraph=True, options=options)
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
@@ -86,6 +90,12 @@ def _compile_block(block: nn.Module, sequence: bool) -> None:
         return compiled_forward(*args, **kwargs)
 
     block.forward = forward
+
+
+def compilable_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The vision blocks regional compile compiles: a container's members rather than the container, because dynamo
+    does not compile a torch.nn.Sequential's own forward (torch's code): a ResNet's `layer1` would stay eager."""
+    return [m for block in vision_blocks(backbone) for m in (block if isinstance(block, nn.Sequential) else [block])]
 
 
 def vision_blocks(backbone: nn.Module) -> list[nn.Module]:
@@ -134,19 +144,25 @@ def mode_for_device(mode: str, device: torch.device) -> str:
     return "off"
 
 
-def apply_compile(model: nn.Module, mode: str) -> None:
-    """Apply `mode` to a VisionLanguageModel in place."""
+def apply_compile(model: nn.Module, mode: str) -> dict[str, int]:
+    """Apply `mode` to a VisionLanguageModel in place; returns what was compiled, per part (`regional`: the vision
+    blocks its feature layer runs, or the whole tower when it runs none, and the LM layers; `core`: the one core).
+    No part is left to run eager unseen."""
     if mode not in MODES:
         raise ConfigError(f"train.compile={mode!r} is not one of: {', '.join(MODES)}")
     if mode != "off":
         tolerate_unbound_cache_guards()
     if mode == "core":
-        # Inductor's CPU layout optimisation makes convolutions channels-last, but fake tensors cannot
-        # predict a convolution's output strides over an unbacked image count (see
-        # mark_image_count_unbacked), and the compiled code's stride check then fails at run time.
-        model._forward_core = torch.compile(model._forward_core, fullgraph=True, options={"layout_optimization": False})
-    elif mode == "regional":
-        for block in vision_blocks(model.vision.backbone):
-            _compile_block(block, sequence=False)
-        for layer in lm_layers(model.lm):
-            _compile_block(layer, sequence=True)
+        model._forward_core = torch.compile(model._forward_core, fullgraph=True, options=CONV_OPTIONS)
+        return {"core": 1}
+    if mode == "off":
+        return {}
+    blocks, layers = model.vision.blocks_in_use(), lm_layers(model.lm)
+    for layer in layers:
+        _compile_block(layer, sequence=True)
+    if not blocks:  # a tower that runs no repeated block is one region itself
+        _compile_block(model.vision, sequence=False, options=CONV_OPTIONS)
+        return {"vision_tower": 1, "lm_layers": len(layers)}
+    for block in blocks:
+        _compile_block(block, sequence=False)
+    return {"vision_blocks": len(blocks), "lm_layers": len(layers)}

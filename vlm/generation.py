@@ -1,8 +1,10 @@
 """Answers from conversations with images: the one generation routine of evaluation and `python -m vlm.generate`.
 
 Prompts are encoded exactly as in training up to the assistant header (`SampleProcessor.encode_prompt`),
-left-padded into a batch, and decoded by transformers' `generate` on the LM's input embeddings: KV cache,
-greedy or sampled, stopping each sample at its end-of-turn token.
+left-padded into a batch, and decoded by transformers' `generate` on the LM's input embeddings: greedy or sampled,
+stopping each sample at its end-of-turn token, always with the KV cache (transformers forces the cache when a
+decoder-only model generates from input embeddings, so there is no uncached mode to offer; tests/test_generation.py
+checks the cached decoding against full forwards instead).
 """
 
 from dataclasses import dataclass
@@ -23,12 +25,11 @@ class GenerationSettings:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
-    use_cache: bool = True
 
     def generate_kwargs(self) -> dict:
         """transformers `generate` arguments; sampling settings only when sampling."""
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0,
-                  "repetition_penalty": self.repetition_penalty, "use_cache": self.use_cache}  # fmt: skip
+                  "repetition_penalty": self.repetition_penalty}  # fmt: skip
         if self.temperature > 0:
             kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return kwargs

@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+from vlm.compile_policy import compilable_blocks
 from vlm.config import ConfigError
 from vlm.hub import loading
 
@@ -69,6 +70,22 @@ class VisionEncoder(nn.Module):
             ) from err
         self.train(was_training)
         return (feats.shape[2], feats.shape[3]), feats.shape[1]
+
+    @torch.no_grad()
+    def blocks_in_use(self) -> list[nn.Module]:
+        """The backbone's blocks that regional compile compiles (compile_policy.compilable_blocks) and that a forward
+        really runs, found by running one dummy image (timm truncates a ViT's blocks to the feature layer)."""
+        candidates, ran = compilable_blocks(self.backbone), set()
+        hooks = [block.register_forward_hook(lambda module, *_: ran.add(id(module))) for block in candidates]
+        was_training = self.training
+        try:
+            self.eval()
+            self(torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size))
+        finally:
+            self.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        return [block for block in candidates if id(block) in ran]
 
     @property
     def embed_dim(self) -> int:

@@ -56,7 +56,8 @@ class Trainer:
         apply_trainable(model, settings)
         if tc.activation_checkpointing:
             model.enable_activation_checkpointing()
-        apply_compile(model, mode_for_device(tc.compile, accelerator.device))
+        compiled = apply_compile(model, mode_for_device(tc.compile, accelerator.device))
+        log.info("train.compile=%s: compiled %s", tc.compile, compiled or "nothing (eager)")
         optimizer = build_optimizer(model, tc, settings)
         self.scheduler = build_scheduler(optimizer, tc)
         self.model, self.optimizer = prepare(accelerator, model, optimizer)
