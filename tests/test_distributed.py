@@ -127,6 +127,9 @@ def test_two_processes_train_like_one(one_process, two_processes):
     rank0, rank1 = (p["first_step_samples"] for p in two["processes"])
     (whole,) = (p["first_step_samples"] for p in one["processes"])
     assert len(rank0) == len(rank1) == 4 and not set(rank0) & set(rank1) and set(rank0) | set(rank1) == set(whole)
+    # Each process draws dropout and sampling from its own seed (train.seed + rank), the first as one process does.
+    (seed,) = (p["rng_seed"] for p in one["processes"])
+    assert [p["rng_seed"] for p in two["processes"]] == [seed, seed + 1]
     assert_close(one_process.losses, two_processes.losses)
     assert_same_weights(one_process.weights(), two_processes.weights())
     # Validation: each process evaluates half; the merged figures are the one-process figures.
@@ -251,3 +254,39 @@ def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path)
     resumed = launch(tmp_path / "resumed", [*SHAPES, "train.resume=auto"], via="fsdp")
     assert_close(straight.losses, resumed.losses, rel=1e-6)
     assert_same_weights(straight.weights(), resumed.weights(), rel=1e-6)
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(one_process, tmp_path, caplog):
+    """No dropout, a ViT tower: two processes stopped at step 2, then one process resumed from their checkpoint,
+    train exactly as one process straight through (the data position is the step; the RNG states of two processes
+    do not fit one, which a warning says)."""
+    script = tmp_path / "stop_on_process_0.py"
+    script.write_text(STOP_ON_PROCESS_0)
+    assert "exitcode: 143" in launch(tmp_path / "run", SHAPES, script=str(script), expect_ok=False).stderr
+    with caplog.at_level("WARNING"):
+        resumed = train_here(tmp_path / "run", [*TINY_VIT, *RUN, "train.resume=auto"])
+    assert "RNG states of 2 process(es), this run has 1" in caplog.text
+    assert resumed.metrics["world_size"] == 1 and resumed.metrics["steps"] == 5
+    assert_close(one_process.losses, resumed.losses)
+    assert_same_weights(one_process.weights(), resumed.weights())
+
+
+def test_two_processes_with_grouped_batching_train_like_one(tmp_path):
+    args = [*RUN, "data.batching=grouped", "data.group_steps=2", "data.dataset.questions_per_image=3"]
+    one = train_here(tmp_path / "one", [*TINY_VIT, *args])
+    two = launch(tmp_path / "two", [*SHAPES, *args])
+    assert two.metrics["world_size"] == 2
+    assert_close(one.losses, two.losses)
+    assert_same_weights(one.weights(), two.weights())
+
+
+def test_two_processes_streaming_train_like_one(tmp_path):
+    """A JSONL stream: every process reads it and takes its share of each step; the same samples as one process."""
+    corpus = export(tmp_path / "corpus", records=40, image_size=32, jsonl=True)
+    data = [*data_overrides(corpus), f"data.dataset.val_path={corpus}", "data.dataset.streaming=true",
+            "data.dataset.shuffle_window=10", "data.dataset.max_val_samples=8"]  # fmt: skip
+    one = train_here(tmp_path / "one", RUN, data=data, experiment="llava_tiny")
+    two = launch(tmp_path / "two", ["+experiment=llava_tiny", *data, *TINY_MODEL, *RUN])
+    assert two.metrics["world_size"] == 2
+    assert_close(one.losses, two.losses)
+    assert_same_weights(one.weights(), two.weights())

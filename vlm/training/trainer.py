@@ -309,6 +309,7 @@ class Trainer:
             self.save()
         process = {
             "rank": self.rank,
+            "rng_seed": torch.initial_seed(),  # dropout and sampling: train.seed + rank
             "first_step_samples": self.first_step_samples,
             "peak_memory_bytes": self.peak_memory,
         }
