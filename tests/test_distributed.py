@@ -8,6 +8,7 @@ Run: pytest tests/test_distributed.py
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY, TINY_MODEL, TINY_VIT, compose_config, new_trainer
 from vlm.data.shapes_export import data_overrides, export
@@ -290,3 +291,16 @@ def test_two_processes_streaming_train_like_one(tmp_path):
     assert two.metrics["world_size"] == 2
     assert_close(one.losses, two.losses)
     assert_same_weights(one.weights(), two.weights())
+
+
+def test_fsdp_refuses_init_weights_with_a_missing_tensor(one_process, tmp_path):
+    """Each process takes its shard of the full tensors; a checkpoint that lacks one stops every process with a
+    message naming it, instead of training from a half-loaded model."""
+    source = one_process.run_dir / "checkpoints" / "final"
+    weights = load_file(source / "model.safetensors")
+    dropped = next(k for k in sorted(weights) if "layernorm" in k)  # no tied tensor: it must be there
+    shutil.copytree(source, tmp_path / "partial")
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(tmp_path / "partial" / "model.safetensors"))
+    run = launch(tmp_path / "run", [*SHAPES, f"train.init_from={tmp_path / 'partial'}"], via="fsdp", expect_ok=False)
+    assert "exitcode: 2" in run.stderr
+    assert f"error: cannot load weights from {tmp_path / 'partial'}: missing keys ['{dropped}']" in run.stderr

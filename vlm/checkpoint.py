@@ -299,13 +299,17 @@ class ShardedState:
             load_model(self.accelerator.unwrap_model(self.model), str(path), device=device)
             return
         full = load_file(str(path))
-        every = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
-        tied = every - {n for n, _ in self.model.named_parameters()}
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        missing, unexpected = set_model_state_dict(self.model, full, options=options)
-        missing = set(missing) - tied  # a tied weight is stored once
+        # Checked here, not by set_model_state_dict: with a full state dict it fills every key the file lacks with the
+        # model's own tensors before loading, so its missing keys are always empty (torch 2.14). strict=False is for
+        # tied weights, which the file stores once.
+        names = set(self.model.state_dict())
+        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
+            n for n, _ in self.model.named_parameters()
+        }
+        missing, unexpected = names - tied - set(full), set(full) - names
         if missing or unexpected:
             raise RuntimeError(f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def optimizer_state(self) -> dict:
         """Under FSDP a collective: the full state, keyed by parameter name, on process 0."""
