@@ -52,14 +52,9 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(
-                f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}. "
-                "See TROUBLESHOOTING.md#config-key-errors."
-            )
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
     if not timm.is_model(run.model.vision.name):
-        raise ConfigError(
-            f"model.vision.name={run.model.vision.name!r} is not a timm model. See TROUBLESHOOTING.md#config-key-errors."
-        )
+        raise ConfigError(f"model.vision.name={run.model.vision.name!r} is not a timm model")
     return run
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.errors import UserError, wants_traceback
+from vlm.errors import UserError, report
 
 
 class UsageError(ValueError):
@@ -49,10 +49,7 @@ def command(usage: str) -> Callable:
                 print(f"{err}\n\n{usage}", file=sys.stderr)
                 return 2
             except UserError as err:
-                if wants_traceback():
-                    raise
-                print(f"error: {err}", file=sys.stderr)
-                return err.exit_code
+                return report(err)
 
         return run
 

@@ -22,9 +22,6 @@ T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the Hydra configs of train.py (repository top)
 
 
-ENTRY = "See TROUBLESHOOTING.md#config-key-errors."
-
-
 class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key (and links the entry that covers it, by default
     the one on config keys)."""
@@ -41,55 +38,61 @@ def typed_section(node: DictConfig, schema: type[T], key: str) -> T:
         return OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         full_key = f"{key}.{err.full_key}"
-        raise ConfigError(
-            f"{full_key} is required and not set: add {full_key}=... to the command line. {ENTRY}"
-        ) from err
+        raise ConfigError(f"{full_key} is required and not set: add {full_key}=... to the command line") from err
     except ConfigKeyError as err:
         unknown = f"{key}.{err.full_key}" if err.full_key else key
         top_level = err.full_key and "." not in err.full_key  # nested sections: no suggestion
         meant = _closest(err.full_key, [f.name for f in fields(schema)]) if top_level else None
         hint = f"; did you mean {key}.{meant}?" if meant else ""
-        raise ConfigError(f"config section '{key}' ({schema.__name__}) has no key {unknown}{hint} {ENTRY}") from err
+        raise ConfigError(f"config section '{key}' ({schema.__name__}) has no key {unknown}{hint}") from err
     except OmegaConfBaseException as err:
         raise ConfigError(
-            f"config section '{key}' does not fit {schema.__name__}: {err}. Check the key's spelling and type. {ENTRY}"
+            f"config section '{key}' does not fit {schema.__name__}: {err}. Check the key's spelling and type"
         ) from err
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """The run config of these command-line overrides, composed as train.py composes it (the tools' way in)."""
-    check_overrides(overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    """The run config of these command-line overrides, composed as train.py composes it (the tools' way in); a
+    mistyped key is a ConfigError naming the key meant."""
+    try:
+        return _compose(overrides)
+    except ConfigCompositionException as err:
+        _name_the_key_meant(err, overrides)
+        raise
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """A command-line key that does not exist is a ConfigError naming the closest key that does; any other
-    composition problem is left to Hydra's own message."""
+    """train.py's check before Hydra composes: a command-line key that does not exist is a ConfigError naming the
+    closest key that does; any other composition problem is left to Hydra's own message."""
     try:
-        _compose(overrides)
+        _compose(overrides, hydra=True)
     except ConfigCompositionException as err:
-        found = re.match(r"Could not override '([\w.]+)'", str(err))
-        if found is None or not isinstance(err.__cause__, (ConfigKeyError, ConfigAttributeError)):
-            return
-        key = found.group(1)
-        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key and not o.startswith("hydra.")]
-        try:
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                known = _dotted_keys(OmegaConf.to_container(compose("config", overrides=rest), resolve=False))
-        except ConfigCompositionException:
-            known = []
-        meant = _closest(key, known)
-        hint = f"; did you mean {meant}?" if meant else ""
-        raise ConfigError(
-            f"{key} is not a config key{hint} (`+{key}=...` would add it, but only a section with free-form keys, "
-            f"such as model.vision.model_kwargs, takes one). {ENTRY}"
-        ) from err
+        _name_the_key_meant(err, overrides)
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def _name_the_key_meant(err: ConfigCompositionException, overrides: list[str]) -> None:
+    """Raise a ConfigError for Hydra's "Could not override" of a key that does not exist; return otherwise."""
+    found = re.match(r"Could not override '([\w.]+)'", str(err))
+    if found is None or not isinstance(err.__cause__, (ConfigKeyError, ConfigAttributeError)):
+        return
+    key = found.group(1)
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key and not o.startswith("hydra.")]
+    try:
+        known = _dotted_keys(OmegaConf.to_container(_compose(rest), resolve=False))
+    except ConfigCompositionException:
+        known = []
+    meant = _closest(key, known)
+    hint = f"; did you mean {meant}?" if meant else ""
+    raise ConfigError(
+        f"{key} is not a config key{hint} (`+{key}=...` would add it, but only a section with free-form keys, "
+        "such as model.vision.model_kwargs, takes one)"
+    ) from err
+
+
+def _compose(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """`hydra`: with Hydra's own section, so `hydra.run.dir=...` and the like are checked too."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
 
 
 def _dotted_keys(node, prefix: str = "") -> list[str]:

@@ -16,7 +16,8 @@ def with_entry(message: str, anchor: str) -> str:
     """`message` ending with a pointer to a TROUBLESHOOTING.md entry, unless it names one already."""
     if "TROUBLESHOOTING.md#" in message:
         return message
-    return f"{message.rstrip().rstrip('.')}. See TROUBLESHOOTING.md#{anchor}."
+    message = message.rstrip()
+    return f"{message}{'' if message.endswith(('.', '?', '!')) else '.'} See TROUBLESHOOTING.md#{anchor}."
 
 
 class UserError(Exception):
@@ -34,13 +35,18 @@ def wants_traceback() -> bool:
     return any(os.environ.get(name, "") not in ("", "0") for name in ("VLM_TRACEBACK", "HYDRA_FULL_ERROR"))
 
 
+def report(err: UserError) -> int:
+    """Print `err` as one line (or raise it again when a traceback is wanted); its exit code."""
+    if wants_traceback():
+        raise err
+    print(f"error: {err}", file=sys.stderr)
+    return err.exit_code
+
+
 @contextmanager
 def reported_as_message() -> Iterator[None]:
     """A UserError inside ends the command: its message on stderr, its exit code."""
     try:
         yield
     except UserError as err:
-        if wants_traceback():
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        sys.exit(report(err))
