@@ -92,10 +92,14 @@ def test_wandb_offline_tables_still_lose_their_images(tmp_path, monkeypatch):
     assert json.loads(Path(written).read_text())["data"][0][0] == "Image"  # the picture itself is not there
 
 
+# Each process writes its own file: two processes printing to one pipe can interleave within a line.
 FSDP_ON_CPU_PROBE = """
+import sys
+from pathlib import Path
 from accelerate import Accelerator
 accelerator = Accelerator(cpu=True)
-print(accelerator.num_processes, accelerator.distributed_type)
+seen = f"{accelerator.num_processes} {accelerator.distributed_type}"
+Path(sys.argv[1], f"rank{accelerator.process_index}.txt").write_text(seen)
 """
 
 
@@ -103,7 +107,8 @@ def test_accelerate_leaves_a_cpu_fsdp_launch_without_fsdp(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(FSDP_ON_CPU_PROBE)
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe), str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[:2] == ["2 DistributedType.MULTI_CPU"] * 2  # two processes, and no FSDP
+    seen = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert seen == ["2 DistributedType.MULTI_CPU"] * 2  # two processes, and no FSDP
