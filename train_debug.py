@@ -38,6 +38,7 @@ HINTS = {
     "recompiles_vary_batch": "TROUBLESHOOTING.md#recompiles-on-batch-or-sequence-length",
     "recompiles_vary_seq": "TROUBLESHOOTING.md#recompiles-on-batch-or-sequence-length",
     "mfu": "TROUBLESHOOTING.md#mfu-above-100",
+    "step_time_s": "TROUBLESHOOTING.md#compiled-steps-slower-than-eager",
 }
 
 
@@ -56,6 +57,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--skip-graph-check", action="store_true")
     parser.add_argument("--skip-compile-bench", action="store_true", help="no compiled modes at all")
     parser.add_argument("--skip-recompile-check", action="store_true")
+    parser.add_argument(
+        "--expect-speedup", action="store_true",
+        help="fail when a compiled mode's step is slower than eager's (a torch-version check; not for tests)",
+    )  # fmt: skip
     return parser.parse_known_args(argv)
 
 
@@ -81,7 +86,7 @@ def options_from(args: argparse.Namespace, cfg) -> DebugOptions:
     )  # fmt: skip
 
 
-def failures(results: dict) -> list[str]:
+def failures(results: dict, expect_speedup: bool = False) -> list[str]:
     found = []
     if results.get("graph_breaks"):
         found.append(f"{results['graph_breaks']} graph break(s) in _forward_core: {results['graph_break_reasons']}")
@@ -94,7 +99,20 @@ def failures(results: dict) -> list[str]:
             found.append(
                 f"mfu[{mode}] = {mfu:.0%} exceeds the measured matmul peak; the machine's speed drifted, rerun"
             )
+    if expect_speedup:
+        found += slower_than_eager(results.get("step_time_s", {}))
     return found
+
+
+def slower_than_eager(step_time_s: dict) -> list[str]:
+    eager = step_time_s.get("off")
+    if eager is None:
+        return ["--expect-speedup needs the eager baseline (drop --skip-baseline)"]
+    return [
+        f"step_time_s[{mode}] = {time_s:.3f} s, slower than eager ({eager:.3f} s)"
+        for mode, time_s in step_time_s.items()
+        if mode != "off" and time_s > eager
+    ]
 
 
 def hint(message: str) -> str:
@@ -110,12 +128,14 @@ def table(results: dict, options: DebugOptions) -> str:
             return f"{value / 2**20:,.0f} MiB"
         if unit == "%":
             return f"{100 * value:.1f}%"
+        if unit == "x":
+            return f"{value:.2f}x"
         return f"{value:,.3f}" if isinstance(value, float) and value < 100 else f"{value:,.0f}"
 
     modes = [m for m in ("off", "core", "regional") if m in results.get("step_time_s", {})]
     rows = [
         ("first step (s)", "first_step_s", ""), ("step time (s)", "step_time_s", ""), ("tokens/s", "tokens_per_s", ""),
-        ("peak memory", "peak_memory_bytes", "B"), ("MFU", "mfu", "%"),
+        ("speed-up over eager", "speedup", "x"), ("peak memory", "peak_memory_bytes", "B"), ("MFU", "mfu", "%"),
         ("recompiles, vary batch", "recompiles_vary_batch", ""), ("recompiles, vary seq", "recompiles_vary_seq", ""),
         ("new graphs at batch 1", "batch1_new_graphs", ""),
     ]  # fmt: skip
@@ -146,8 +166,11 @@ def main(argv: list[str]) -> int:
     results = Suite(parts.model, set(parts.tokenizer.all_special_ids), options).run()
     results.update(config=cfg.experiment_name, large_scale=args.large_scale, device=str(options.device),
                    dtype=args.dtype, batch_size=options.batch_size, seq_len=options.seq_len)  # fmt: skip
+    step_time_s = results.get("step_time_s", {})
+    if "off" in step_time_s:  # eager's step time over each mode's
+        results["speedup"] = {mode: step_time_s["off"] / time_s for mode, time_s in step_time_s.items()}
     print(table(results, options))
-    problems = failures(results)
+    problems = failures(results, args.expect_speedup)
     for problem in problems:
         print("FAILED: " + hint(problem))
     if args.json:

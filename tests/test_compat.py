@@ -22,7 +22,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from vlm.compat import (
-    UNBACKED_TAKES_MIN,
     enable_lm_activation_checkpointing,
     encode_plain_text,
     is_out_of_memory,
@@ -31,10 +30,6 @@ from vlm.compat import (
 from vlm.data.tokenizer import TokenizerConfig, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_mark_unbacked_takes_min_from_torch_2_12():
-    assert UNBACKED_TAKES_MIN == (Version(torch.__version__).release >= (2, 12))
 
 
 def test_a_failed_cpu_allocation_is_a_runtime_error_not_out_of_memory():

@@ -46,3 +46,16 @@ def test_train_debug_runs_every_check_and_writes_the_summary(tmp_path):
     before, after = summary["matmul_peak_flops_before"], summary["matmul_peak_flops_after"]
     assert summary["matmul_peak_flops"] == max(before, after) > 0  # measured on both sides of the timed steps
     assert "graph breaks in _forward_core (fullgraph): 0" in done.stdout
+
+
+def test_expect_speedup_fails_a_compiled_mode_slower_than_eager_and_points_to_the_entry():
+    from train_debug import failures, hint
+
+    results = {"step_time_s": {"off": 0.35, "core": 0.96, "regional": 0.29}}
+    assert failures(results) == []  # a report, not a failure, unless asked
+    (problem,) = failures(results, expect_speedup=True)
+    assert problem.startswith("step_time_s[core] = 0.960 s, slower than eager (0.350 s)")
+    assert "TROUBLESHOOTING.md#compiled-steps-slower-than-eager" in hint(problem)
+    assert failures({"step_time_s": {"core": 0.2}}, expect_speedup=True) == [
+        "--expect-speedup needs the eager baseline (drop --skip-baseline)"
+    ]

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -169,7 +170,10 @@ def test_compiled_packing_has_no_graph_breaks_or_recompiles(parts, monkeypatch):
     with monkeypatch.context() as unpatched:  # still needed: without the patch the lookup fails (torch 2.14)
         unpatched.setattr("vlm.compile_policy.tolerate_unbound_cache_guards", lambda: None)
         unpatched.setattr(ShapeEnv, "evaluate_guards_expression", ShapeEnv.evaluate_guards_expression.unpatched)
-        with pytest.raises(Exception, match="attention_mask"):
+        if Version(torch.__version__).release >= (2, 14):
+            with pytest.raises(Exception, match="attention_mask"):
+                compiled_warm_up(parts)
+        else:  # 2.12.0 (make test-torch) stores no such guard
             compiled_warm_up(parts)
     compiled_warm_up(parts)
     assert counters["stats"]["unique_graphs"] == warm

@@ -6,7 +6,6 @@ can tell in seconds), or a version gate turns it off. Nothing else in vlm patche
 library; code that needs one of these calls it from here.
 """
 
-import inspect
 import logging
 
 import torch
@@ -20,20 +19,6 @@ log = logging.getLogger(__name__)
 
 # ----- torch ---------------------------------------------------------------------------------------
 
-# `mark_unbacked(..., min=, max=)` came with torch 2.12.0 (pytorch/pytorch#176313); 2.11 and older have no bounds,
-# and an unbacked size without `min=1` is assumed >= 2, so a batch of one image would fail. A version gate: drop the
-# fallback once pyproject.toml asks for torch >= 2.12.
-UNBACKED_TAKES_MIN = "min" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
-
-
-def mark_at_least_one_unbacked(tensor: torch.Tensor, dim: int) -> None:
-    """Dim `dim` of `tensor` becomes an unbacked size >= 1 (torch >= 2.12), or a dynamic one on older torch (at worst
-    one recompile where a kernel choice guards on the size; see compile_policy.mark_image_count_unbacked)."""
-    if UNBACKED_TAKES_MIN:
-        torch._dynamo.decorators.mark_unbacked(tensor, dim, min=1)
-    else:
-        torch._dynamo.maybe_mark_dynamic(tensor, dim)
-
 
 def tolerate_unbound_cache_guards() -> None:
     """A cached graph whose shape guards cannot be evaluated is a cache miss, not a crash (torch 2.14 inductor).
@@ -43,7 +28,8 @@ def tolerate_unbound_cache_guards() -> None:
     the row count). A later lookup of that entry, in a process whose AOTAutograd cache misses (a changed forward,
     another run sharing the cache directory), evaluates the guard with the backward's inputs only and fails the
     compile with `KeyError: 'attention_mask'`. Such a guard can never hold for the arguments given, so the entry
-    does not match and the graph is compiled anew. Process-wide and idempotent. Found on 2.14.1; the code involved
+    does not match and the graph is compiled anew. Process-wide and idempotent. Found on 2.14.1 (2.12.0 stores no
+    such guard: `make test-torch`; 2.13 not checked); the code involved
     (`evaluate_guards_expression`, the FX graph cache lookup, the guard printer's fallback to the forward's source
     names) is the same in 2.15.0; no upstream issue found. Still needed while the packing compile test
     (tests/test_packing.py) sees the KeyError with this patch removed. See

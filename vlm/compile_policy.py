@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from vlm.compat import mark_at_least_one_unbacked, tolerate_unbound_cache_guards
+from vlm.compat import tolerate_unbound_cache_guards
 from vlm.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ def mark_image_count_unbacked(pixel_values: torch.Tensor) -> None:
 
     A backed (merely dynamic) image count gets guarded by the CPU convolution's backend choice, which
     tests `num_images >= 16` for stride-1 convs (one graph below 16 images, another from 16 on) and
-    `num_images > 1`. Unbacked, the compiled core serves any image count, one image included (on torch
-    without `mark_unbacked(min=)`, a backed size: at worst one recompile at 16 images on CPU).
+    `num_images > 1`. Unbacked, the compiled core serves any image count; `min=1` (torch >= 2.12) because an
+    unbacked size is otherwise assumed >= 2 and a batch of one image would fail.
     """
-    mark_at_least_one_unbacked(pixel_values, 0)
+    torch._dynamo.decorators.mark_unbacked(pixel_values, 0, min=1)
 
 
 def _mark_block_inputs(hidden: torch.Tensor, args: Iterable[Any], kwargs: dict, sequence: bool) -> None:

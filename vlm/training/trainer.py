@@ -34,6 +34,7 @@ from vlm.training.non_finite import NonFiniteSteps
 from vlm.training.optim import apply_trainable, build_optimizer, build_scheduler, param_settings, trainable_table
 from vlm.training.parts import Components, RunConfig
 from vlm.training.report import describe_eval, eval_record, summary_line, write_run_outputs
+from vlm.training.steps_ahead import StepsAhead
 from vlm.training.stop_signal import StopSignal
 from vlm.training.tracking import JsonlLog, build_tracker
 
@@ -176,7 +177,8 @@ class Trainer:
         steps = training_steps(
             self.parts, self.train_cfg, self.step, self.rank, self.world_size, self.stream_position, pin_memory
         )
-        return self._following_the_stream(steps)
+        self.steps_ahead = StepsAhead(steps)
+        return self._following_the_stream(self.steps_ahead)
 
     def _following_the_stream(self, steps: Iterator[tuple]) -> Iterator[list]:
         """With a stream, `stream_position` is where the step after the one just handed out starts: what its
@@ -200,7 +202,9 @@ class Trainer:
                 if self.first_step_samples is None:
                     self.first_step_samples = [s.index for s in samples]
                 data_wait = time.perf_counter() - step_start
-                stats = self.train_step(samples)
+                with self.steps_ahead.meanwhile():  # the next step's samples are encoded during this one
+                    stats = self.train_step(samples)
+                data_wait += self.steps_ahead.waited_s
                 record = self._step_record(stats, time.perf_counter() - step_start, data_wait)
                 progress.update(1)
                 last_loss = last_loss if stats["loss"] is None else stats["loss"]
