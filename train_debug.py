@@ -23,6 +23,7 @@ from vlm.config import compose_config
 from vlm.debug.diagnostics import DebugOptions, Suite
 from vlm.errors import reported_as_message
 from vlm.training.device import configure_cpu_allocator
+from vlm.training.optim import apply_trainable, param_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --large-scale: LM 768 x 12 blocks, ViT 512 x 8 blocks at 224 px (49 image tokens after pixel shuffle).
@@ -141,7 +142,8 @@ def table(results: dict, options: DebugOptions) -> str:
     ]  # fmt: skip
     lines = [
         f"device {options.device} ({options.dtype}), batch {options.batch_size} x {options.seq_len} tokens, "
-        f"{results['params']:,} parameters, {results['flops_per_step'] / 1e9:,.1f} GFLOP per step, "
+        f"{results['params']:,} parameters ({results['trainable_params']:,} trained), "
+        f"{results['flops_per_step'] / 1e9:,.1f} GFLOP per step, "
         f"matmul peak {results['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s (best of {results['matmul_peak_flops_before'] / 1e9:,.1f} "
         f"before and {results['matmul_peak_flops_after'] / 1e9:,.1f} after the timed steps)",
         f"graph breaks in _forward_core (fullgraph): {results.get('graph_breaks', 'not checked')}",
@@ -161,7 +163,11 @@ def main(argv: list[str]) -> int:
         cfg = load_config(overrides, args.large_scale)
         configure_cpu_allocator(cfg.train.cpu_keep_freed_bytes)
         torch.manual_seed(0)
-        parts = build_components(validate_config(cfg))
+        run = validate_config(cfg)
+        parts = build_components(run)
+        # What the trainer trains: the stage, per-module settings and LoRA decide which parameters get gradients
+        # and optimizer state, and so the step's time and memory.
+        apply_trainable(parts.model, param_settings(parts.model, run.train))
     options = options_from(args, cfg)
     results = Suite(parts.model, set(parts.tokenizer.all_special_ids), options).run()
     results.update(config=cfg.experiment_name, large_scale=args.large_scale, device=str(options.device),

@@ -304,3 +304,18 @@ def test_fsdp_refuses_init_weights_with_a_missing_tensor(one_process, tmp_path):
     run = launch(tmp_path / "run", [*SHAPES, f"train.init_from={tmp_path / 'partial'}"], via="fsdp", expect_ok=False)
     assert "exitcode: 2" in run.stderr
     assert f"error: cannot load weights from {tmp_path / 'partial'}: missing keys ['{dropped}']" in run.stderr
+
+
+def test_lora_two_processes_train_like_one_with_ddp_and_fsdp(tmp_path):
+    """Adapters and the projector train, the rest is frozen: DDP and FSDP2 (mixed frozen and trainable tensors in
+    one shard unit) give the one-process losses and adapters."""
+    args = [*RUN, "train.lora.enabled=true", "train.stage=finetune", "train.lora.r=4", "train.lora.dropout=0"]
+    one = train_here(tmp_path / "one", [*TINY_VIT, *args])
+    assert any(".lora_A." in name for name in one.weights())
+    for via in ("torchrun", "fsdp"):
+        two = launch(tmp_path / via, [*SHAPES, *args], via=via)
+        assert two.metrics["world_size"] == 2
+        if via == "fsdp":
+            assert "world_size 2: process 0 (DistributedType.FSDP" in (two.run_dir / "train.log").read_text()
+        assert_close(one.losses, two.losses)
+        assert_same_weights(one.weights(), two.weights())

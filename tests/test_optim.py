@@ -11,6 +11,7 @@ from vlm.training.optim import (
     build_optimizer,
     build_scheduler,
     param_settings,
+    parameter_counts,
     trainable_table,
 )
 from vlm.training.train_config import TrainConfig
@@ -97,7 +98,7 @@ def test_schedules_warm_up_then_decay_per_group(model, schedule, expected):
 
 def test_trainable_table_counts_each_parameter_once(model):
     optimizer_for(model, stage="align")
-    table = trainable_table(model)
+    table = trainable_table(parameter_counts(model))
     lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
     total = sum({id(p): p.numel() for p in model.parameters()}.values())
     projector = sum(p.numel() for p in model.projector.parameters())

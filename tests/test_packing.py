@@ -25,15 +25,19 @@ from vlm.data.packing import balanced_bins, first_fit_decreasing, pack_samples
 BUDGET = 256
 
 
-@pytest.fixture(scope="module")
-def parts():
+def moved_parts(*overrides: str):
     torch.manual_seed(0)
-    cfg = compose_config(*TINY_VIT, "data.dataset.questions_per_image=4", f"data.max_length={BUDGET}")
+    cfg = compose_config(*TINY_VIT, "data.dataset.questions_per_image=4", f"data.max_length={BUDGET}", *overrides)
     parts = build_components(validate_config(cfg))
-    with torch.no_grad():  # away from the initialisation, so that differences would show
+    with torch.no_grad():  # away from the initialisation (LoRA's B = 0 too), so that differences would show
         for p in parts.model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return parts
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return moved_parts()
 
 
 def encoded(parts, indices):
@@ -81,7 +85,11 @@ def test_balanced_rows_keep_the_row_count_and_pad_far_less():
     assert sum(balanced_fill) / 50 > 0.91 and sum(full_fill) / 50 < 0.89
 
 
-def test_packed_rows_give_every_sample_its_own_logits_loss_and_gradient(parts):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_packed_rows_give_every_sample_its_own_logits_loss_and_gradient(parts, lora):
+    if lora:  # peft's adapter layers see packed rows as any linear layer does
+        parts = moved_parts("train.lora.enabled=true", "train.stage=finetune", "train.lora.r=4", "train.lora.dropout=0")
+        assert any(".lora_A." in n for n, _ in parts.model.named_parameters())
     model, collate = parts.model, Collator(parts.tokenizer.pad_token_id)
     samples = encoded(parts, range(9))
     for sample in samples:  # a first token labelled as supervised: no previous token may predict it, packed or not

@@ -4,13 +4,17 @@ Run: pytest tests/test_recipes.py
 """
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from tests.conftest import CONFIG_DIR, TINY_SHAPES
 from vlm.build import build_components, validate_config
+from vlm.models.lora import is_adapter
+from vlm.training.optim import apply_trainable, param_settings
 
-RECIPES = ["siglip_smollm2", "clip_qwen"]  # experiments with pretrained parts (test_config builds the others)
+# Experiments with pretrained parts (test_config builds the others).
+RECIPES = ["siglip_smollm2", "clip_qwen", "siglip_smollm2_lora", "clip_qwen_lora"]
 
 
 def compose_recipe(name: str, *overrides: str) -> DictConfig:
@@ -44,3 +48,20 @@ def test_clip_qwen_recipe_builds_offline():
     assert parts.model.tokens_per_image == 576  # 24 x 24 patches at 336 px, one token each (MLP)
     assert parts.processor.image_transform.mean.flatten().tolist() == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     assert cfg.train.stage == "align" and cfg.data.chat.default_system.startswith("You are Qwen")
+
+
+@pytest.mark.parametrize("name", ["siglip_smollm2_lora", "clip_qwen_lora"])
+def test_lora_recipes_adapt_every_attention_and_mlp_projection_and_train_the_projector(name):
+    """Built shallow: adapters on each LM layer's seven projections (not the output head), the vision tower frozen."""
+    cfg = compose_recipe(name, "model.lm.config.num_hidden_layers=2", "++model.vision.model_kwargs.depth=2")
+    run = validate_config(cfg)
+    assert run.train.lora.enabled and run.train.stage == "finetune" and run.train.lora.r == 16
+    torch.manual_seed(0)
+    model = build_components(run).model
+    apply_trainable(model, param_settings(model, run.train))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_A." in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert sum(".lora_A." in n for n in trainable) == 2 * 7  # every layer's projections
+    assert all(is_adapter(n) or n.startswith("projector.") for n in trainable)
+    assert any(n.startswith("projector.") for n in trainable)

@@ -63,12 +63,14 @@ class InterruptAfter(StopAfter):
 
 
 def test_sigterm_checkpoints_and_resume_is_bitwise_identical(straight, tmp_path):
-    cfg = compose_config(*TINY_VIT, "train.eval_every=0", "train.log_every=1", *RUN)
+    """With the next step encoded ahead in a thread (off in `straight`): same samples, same RNG, same result."""
+    cfg = compose_config(*TINY_VIT, "train.eval_every=0", "train.log_every=1", *RUN, "data.encode_ahead=true")
     summary = new_trainer(cfg, tmp_path, StopAfter).fit()
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 3
     assert (tmp_path / "checkpoints" / "step_00000003" / TRAINER_STATE).exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto")
+    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto", "data.encode_ahead=true")
+    assert resumed.encode_ahead
     assert resumed.step == 3
     resumed.fit()
     straight_dir, straight_params = straight

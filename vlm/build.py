@@ -7,12 +7,13 @@ and special ids) -> processor (needs tokens per image).
 """
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import timm
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from vlm.checkpoint import HIGHER_IS_BETTER
+from vlm.checkpoint import HIGHER_IS_BETTER, load_initial_weights
 from vlm.compile_policy import MODES
 from vlm.config import ConfigError, typed_section
 from vlm.data.chat_format import ChatFormat, check_chat_template
@@ -20,6 +21,7 @@ from vlm.data.formats import DataConfig, build_dataset, data_config, dataset_cor
 from vlm.data.images import ImageTransform
 from vlm.data.processing import SampleProcessor
 from vlm.data.tokenizer import build_tokenizer
+from vlm.models.lora import add_adapters, check_lora_settings
 from vlm.models.projector import PROJECTORS
 from vlm.models.vision_language_model import ModelConfig, TokenIds, VisionLanguageModel
 from vlm.training.optim import SCHEDULES, STAGES
@@ -53,6 +55,12 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+    check_lora_settings(t.lora, t.device)
+    if t.lora.enabled and t.stage == "align":
+        raise ConfigError(
+            "train.lora.enabled=true with train.stage=align: align trains the projector alone, and LoRA adapts the LM. "
+            "Align without LoRA, then train.stage=finetune train.lora.enabled=true train.init_from=ALIGNED."
+        )
     if not timm.is_model(run.model.vision.name):
         raise ConfigError(f"model.vision.name={run.model.vision.name!r} is not a timm model")
     return run
@@ -67,6 +75,10 @@ def build_components(run: RunConfig) -> Components:
     chat_format = ChatFormat(data.chat, tokenizer)
     check_chat_template(chat_format)
     model = VisionLanguageModel(run.model, TokenIds.of(tokenizer, chat_format, data.tokenizer.image_token))
+    if run.train.init_from:  # the previous stage's result, before LoRA adapters go on it
+        load_initial_weights(model, Path(run.train.init_from))
+    if run.train.lora.enabled:
+        add_adapters(model, run.train.lora)
     return Components(tokenizer, model, build_processor(model, chat_format, data), train_set, val_set, data)
 
 

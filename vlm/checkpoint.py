@@ -6,6 +6,10 @@ A model directory (`checkpoints/final`, `vlm.save_pretrained`, `python -m vlm.ex
   tokenizer/          the tokenizer, a locally trained one included
   lm/config.json      the LM's transformers config, so reloading never touches the hub
   language_model/     (exports only) the LM alone in transformers format, for tools that know nothing of vlm
+A LoRA run's model directory stores only what trained (adapters, the projector, `modules_to_save`) and the buffers in
+model.safetensors, and
+  adapter_base.json   a fingerprint of the base the adapters were trained on, which is rebuilt from its sources
+                      (pretrained weights, train.init_from, or the seed of a random init) and checked on loading.
 A resumable checkpoint (`checkpoints/step_NNNNNNNN/`) adds
   training_state.pt   optimizer, scheduler and grad scaler states, every process's RNG states
   trainer_state.json  the loop's progress (step, micro-batch size, bad steps and samples, stream position) and
@@ -35,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -58,6 +63,7 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 LM_CONFIG = "lm"
 EXPORTED_LM = "language_model"
+ADAPTER_BASE = "adapter_base.json"
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
 BEST = "best.json"
@@ -75,6 +81,29 @@ class NotACheckpointError(UserError, FileNotFoundError):
     pass
 
 
+@dataclass(frozen=True)
+class AdapterBase:
+    """What a LoRA run's checkpoints store (`stored`: tensor names) and the fingerprint of the rest, the base."""
+
+    stored: frozenset[str]
+    fingerprint: str
+
+
+def weights_mismatch(directory: Path, err: Exception) -> "ResumeMismatchError":
+    return ResumeMismatchError(
+        f"cannot load weights from {directory}: {err}. The model config must match the checkpoint's "
+        "(compare its config.yaml). See TROUBLESHOOTING.md#resume-mismatch."
+    )
+
+
+def base_mismatch(directory: Path, saved: str, found: str) -> "ResumeMismatchError":
+    return ResumeMismatchError(
+        f"the adapters in {directory} were trained on another base model (base fingerprint {saved}, this one "
+        f"{found}): the pretrained LM or vision weights, train.init_from or train.seed differ from the run that "
+        "trained them. Use that run's config.yaml. See TROUBLESHOOTING.md#lora-adapters-on-another-base."
+    )
+
+
 # ----- model directories -----------------------------------------------------------------------
 
 
@@ -84,10 +113,17 @@ def save_pretrained(
     tokenizer: PreTrainedTokenizerBase,
     cfg: DictConfig,
     weights: dict[str, torch.Tensor] | None = None,
+    adapter_base: AdapterBase | None = None,
 ) -> None:
-    """`weights`: the full state dict when the model's own tensors are shards (FSDP)."""
+    """`weights`: the full state dict when the model's own tensors are shards (FSDP). `adapter_base`: a LoRA run's,
+    whose directories store only `adapter_base.stored`."""
     directory.mkdir(parents=True, exist_ok=True)
-    if weights is None:
+    if adapter_base is not None:
+        state = weights if weights is not None else model.state_dict()
+        kept = {name: tensor for name, tensor in state.items() if name in adapter_base.stored}
+        save_file(_unshared(kept), str(directory / WEIGHTS), metadata={"format": "pt"})
+        (directory / ADAPTER_BASE).write_text(json.dumps({"fingerprint": adapter_base.fingerprint}, indent=2))
+    elif weights is None:
         save_model(model, str(directory / WEIGHTS))
     else:
         save_file(_unshared(weights), str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -113,27 +149,89 @@ class SavedModel:
     data: DataConfig
     tokenizer: PreTrainedTokenizerBase
     chat_format: ChatFormat
+    base_fingerprint: str | None = None  # a LoRA directory's: its model is rebuilt from the base's own sources
+
+    def stored_names(self) -> set[str]:
+        return stored_names(self.directory)
 
     def load_weights(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
-        load_model(model, str(self.directory / WEIGHTS), device=safetensors_device(device))
+        if self.base_fingerprint is None:
+            load_model(model, str(self.directory / WEIGHTS), device=safetensors_device(device))
+        else:
+            load_state(model, load_file(str(self.directory / WEIGHTS)), partial=True)
         return model.to(device)
 
 
+def stored_names(directory: Path) -> set[str]:
+    """The names of the tensors in a model directory's weights file, read from its header."""
+    with safe_open(directory / WEIGHTS, "pt") as weights:
+        return set(weights.keys())
+
+
 def read_model_directory(directory: Path) -> SavedModel:
+    """A LoRA directory keeps the config's pretrained sources: its base is rebuilt from them (pretrained weights
+    come from the hub cache or the local path they came from)."""
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file():
         raise not_a_model_directory(directory)
     cfg = OmegaConf.load(directory / CONFIG)
     cfg.data.tokenizer.pretrained = str(directory / TOKENIZER)  # no hub access, no re-training of the tokenizer
-    cfg.model.lm.pretrained = None
-    cfg.model.lm.config = AutoConfig.from_pretrained(directory / LM_CONFIG).to_dict()
-    cfg.model.vision.pretrained = False
-    cfg.model.vision.weights_path = None
+    adapters = directory / ADAPTER_BASE
+    fingerprint = json.loads(adapters.read_text())["fingerprint"] if adapters.is_file() else None
+    if fingerprint is None:
+        cfg.model.lm.pretrained = None
+        cfg.model.lm.config = AutoConfig.from_pretrained(directory / LM_CONFIG).to_dict()
+        cfg.model.vision.pretrained = False
+        cfg.model.vision.weights_path = None
     data = data_config(cfg)
     tokenizer = build_tokenizer(data.tokenizer, [], data.chat.special_tokens)
     chat_format = ChatFormat(data.chat, tokenizer)
     check_chat_template(chat_format)
-    return SavedModel(directory, cfg, data, tokenizer, chat_format)
+    return SavedModel(directory, cfg, data, tokenizer, chat_format, fingerprint)
+
+
+def read_full_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """A model directory's weights, which must be complete (`train.init_from`): not a LoRA directory's."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise not_a_model_directory(directory)
+    if (directory / ADAPTER_BASE).is_file():
+        raise ResumeMismatchError(
+            f"{directory} holds LoRA adapters, not a whole model, so it cannot start a run (train.init_from). Merge "
+            f"them first: python -m vlm.export checkpoint={directory} output_dir=OUT merge_lora=true, then "
+            "train.init_from=OUT. See TROUBLESHOOTING.md#lora-adapters-on-another-base."
+        )
+    return load_file(str(directory / WEIGHTS))
+
+
+def load_initial_weights(model: torch.nn.Module, directory: Path) -> None:
+    """`train.init_from`: a whole model's weights into a plain model (before adapters, compile and sharding)."""
+    try:
+        load_state(model, read_full_weights(Path(directory)))
+    except RuntimeError as err:
+        raise weights_mismatch(directory, err) from err
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
+    """`state` into a plain (unsharded) model. Every tensor of the model must be in `state` (tied repeats aside) unless
+    `partial` (a LoRA directory: only what trained). No unexpected names."""
+    missing, unexpected = _mismatched_names(model, state)
+    missing = set() if partial else missing
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def _mismatched_names(model: torch.nn.Module, state: dict) -> tuple[set[str], set[str]]:
+    """(missing, unexpected) names of `state` for `model`. Tied tensors are stored once, under any of their names
+    (safetensors keeps one of them): a tied group is missing only when none of its names is there."""
+    names = set(model.state_dict())
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    missing = names - {n for group in groups.values() if len(group) > 1 for n in group} - set(state)
+    missing |= {group[0] for group in groups.values() if len(group) > 1 and not set(group) & set(state)}
+    return missing, set(state) - names
 
 
 def not_a_model_directory(path: Path) -> NotACheckpointError:
@@ -293,20 +391,17 @@ class ShardedState:
         """Under FSDP a collective: the full weights, on process 0's CPU. None: save the module itself."""
         return get_model_state_dict(self.model, options=FULL) if self.sharded else None
 
-    def load_weights(self, path: Path) -> None:
+    def load_weights(self, path: Path, partial: bool = False) -> None:
+        """`partial`: the file holds only some tensors (a LoRA run's); the others keep their values."""
         if not self.sharded:
-            device = safetensors_device(self.accelerator.device)
-            load_model(self.accelerator.unwrap_model(self.model), str(path), device=device)
+            load_state(self.accelerator.unwrap_model(self.model), load_file(str(path)), partial)
             return
         full = load_file(str(path))
         # Checked here, not by set_model_state_dict: with a full state dict it fills every key the file lacks with the
         # model's own tensors before loading, so its missing keys are always empty (torch 2.14). strict=False is for
-        # tied weights, which the file stores once.
-        names = set(self.model.state_dict())
-        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
-            n for n, _ in self.model.named_parameters()
-        }
-        missing, unexpected = names - tied - set(full), set(full) - names
+        # tied weights, which the file stores once, and for the tensors a partial file leaves out.
+        missing, unexpected = _mismatched_names(self.model, full)
+        missing = set() if partial else missing
         if missing or unexpected:
             raise RuntimeError(f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -334,9 +429,11 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, accelerator: Accelerator, model, optimizer, scheduler,
                  tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, global_batch_size: int,
-                 keep_last: int, best_metric: str | None):  # fmt: skip
+                 keep_last: int, best_metric: str | None, adapter_base: AdapterBase | None = None):  # fmt: skip
+        """`adapter_base`: a LoRA run's; its checkpoints store only what trains (and the buffers)."""
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.tokenizer, self.cfg, self.global_batch_size = tokenizer, cfg, global_batch_size
+        self.adapter_base = adapter_base
         self.state = ShardedState(accelerator, model, optimizer)
         writer = accelerator.is_main_process
         self.directory = CheckpointDirectory(Path(run_dir) / "checkpoints", keep_last, best_metric, writer)
@@ -370,26 +467,28 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             self._save_model(self.directory.path / FINAL, weights)
 
+    def final_size(self) -> int | None:
+        """Bytes of the final model directory's weights file (a LoRA run's holds only what trained); None off
+        process 0."""
+        weights = self.directory.path / FINAL / WEIGHTS
+        return weights.stat().st_size if weights.is_file() else None
+
     def _save_model(self, directory: Path, weights: dict | None) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        save_pretrained(directory, model, self.tokenizer, self.cfg, weights)
+        save_pretrained(directory, model, self.tokenizer, self.cfg, weights, self.adapter_base)
 
-    def load_weights(self, directory: Path) -> None:
-        """Model weights only (`train.init_from`): the next stage starting from the previous stage's result."""
+    def _load_weights(self, directory: Path) -> None:
         try:
-            self.state.load_weights(Path(directory) / WEIGHTS)
+            self.state.load_weights(Path(directory) / WEIGHTS, partial=self.adapter_base is not None)
         except (RuntimeError, FileNotFoundError) as err:
-            raise ResumeMismatchError(
-                f"cannot load weights from {directory}: {err}. The model config must match the checkpoint's "
-                "(compare its config.yaml). See TROUBLESHOOTING.md#resume-mismatch."
-            ) from err
+            raise weights_mismatch(directory, err) from err
 
     def restore(self, directory: Path) -> dict:
         """Weights, optimizer, scheduler, grad scaler and RNG states of a resumable checkpoint; returns the progress
         the trainer handed to `save`."""
         progress = json.loads((directory / TRAINER_STATE).read_text())
         self._check_compatible(directory, progress)
-        self.load_weights(directory)
+        self._load_weights(directory)
         state = torch.load(directory / TRAINING_STATE, weights_only=True)
         self.state.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -405,11 +504,30 @@ class Checkpointer:
             problems.append(f"train.global_batch_size {progress['global_batch_size']} -> {self.global_batch_size}")
         if AutoTokenizer.from_pretrained(directory / TOKENIZER).get_vocab() != self.tokenizer.get_vocab():
             problems.append("the tokenizer differs from the checkpoint's")
+        self._check_same_base(directory, problems)
         if problems:
             raise ResumeMismatchError(
                 f"cannot resume exactly from {directory}: {'; '.join(problems)}. Resume with the checkpoint's "
                 "config, or start a new run with train.init_from. See TROUBLESHOOTING.md#resume-mismatch."
             )
+
+    def _check_same_base(self, directory: Path, problems: list[str]) -> None:
+        """A LoRA checkpoint resumes only onto the base its adapters were trained on, storing what this run trains."""
+        adapters = directory / ADAPTER_BASE
+        if adapters.is_file() != (self.adapter_base is not None):
+            problems.append(f"train.lora.enabled={self.adapter_base is not None} but the checkpoint was "
+                            f"{'' if adapters.is_file() else 'not '}trained with LoRA")  # fmt: skip
+            return
+        if self.adapter_base is None:
+            return
+        saved = json.loads(adapters.read_text())["fingerprint"]
+        if saved != self.adapter_base.fingerprint:
+            raise base_mismatch(directory, saved, self.adapter_base.fingerprint)
+        stored = stored_names(directory)
+        if stored != self.adapter_base.stored:
+            different = sorted(stored ^ self.adapter_base.stored)
+            problems.append(f"the checkpoint stores other trained tensors than this run trains ({different[:4]}): "
+                            "train.lora (target_modules, vision, modules_to_save) or train.stage differ")  # fmt: skip
 
     def _restore_rng(self, saved: list[dict] | dict) -> None:
         saved = [saved] if isinstance(saved, dict) else saved  # checkpoints from before per-process RNG

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from vlm.build import build_processor
-from vlm.checkpoint import read_model_directory, save_pretrained
+from vlm.checkpoint import AdapterBase, read_model_directory, save_pretrained
 from vlm.data.processing import SampleProcessor
 from vlm.models.vision_language_model import VisionLanguageModel
 
@@ -23,12 +23,18 @@ class Pretrained:
     tokenizer: PreTrainedTokenizerBase
     processor: SampleProcessor
     config: DictConfig
+    adapter_base: AdapterBase | None = None  # a LoRA directory's: what it stores, and its base's fingerprint
 
     def save_pretrained(self, directory: Path) -> None:
-        save_pretrained(Path(directory), self.model, self.tokenizer, self.config)
+        save_pretrained(Path(directory), self.model, self.tokenizer, self.config, adapter_base=self.adapter_base)
 
 
 def load_pretrained(directory: Path, device: str | torch.device = "cpu") -> Pretrained:
+    """A model directory, a LoRA run's too (its base rebuilt and checked, the adapters on it, unmerged)."""
     saved = read_model_directory(directory)
     model = VisionLanguageModel.from_saved(saved, device)
-    return Pretrained(model, saved.tokenizer, build_processor(model, saved.chat_format, saved.data), saved.config)
+    processor = build_processor(model, saved.chat_format, saved.data)
+    adapters = None
+    if saved.base_fingerprint is not None:
+        adapters = AdapterBase(frozenset(saved.stored_names()), saved.base_fingerprint)
+    return Pretrained(model, saved.tokenizer, processor, saved.config, adapters)

@@ -48,6 +48,9 @@ class DataConfig:
     batching: str = "padded"  # padded | grouped (similar lengths per step) | packed (samples share rows of at most max_length tokens)
     group_steps: int = 16  # grouped: steps whose samples are sorted by length together
     num_workers: int = 0
+    # The next step's samples encoded in a background thread during the step; null: on accelerators only (on a
+    # CPU the step itself keeps every core busy, and the thread measured slower there: vlm/training/steps_ahead.py).
+    encode_ahead: bool | None = None
     image_splitting: ImageSplittingConfig = field(default_factory=ImageSplittingConfig)
     max_image_pixels: int | None = None  # larger images are bad samples; null: PIL's decompression-bomb limit
     on_error: str = "skip"  # skip: leave a bad sample out and count it | raise: stop naming it

@@ -49,7 +49,10 @@ class Suite:
         self.base = model.to(options.device)
         self.special_ids, self.options = special_ids, options
         self.generator = torch.Generator().manual_seed(0)
-        self.results: dict = {"params": sum(p.numel() for p in model.parameters())}
+        self.results: dict = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
         # One batch for FLOPs, the graph check and every mode's timing, so the figures compare.
         self.main = self.batch(options.batch_size, options.seq_len)
 

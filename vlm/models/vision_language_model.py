@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from vlm.checkpoint import SavedModel, read_model_directory, save_pretrained
+from vlm.checkpoint import SavedModel, base_mismatch, load_initial_weights, read_model_directory, save_pretrained
 from vlm.compat import enable_lm_activation_checkpointing
 from vlm.compile_policy import lm_layers, mark_batch_and_sequence_dynamic, mark_image_count_unbacked, vision_blocks
 from vlm.config import typed_section
 from vlm.data.chat_format import IGNORE_INDEX, ChatFormat
 from vlm.models.language_model import LMConfig, build_language_model
+from vlm.models.lora import LoraSettings, add_adapters, base_fingerprint
 from vlm.models.projector import ProjectorConfig, build_projector
 from vlm.models.vision_encoder import VisionConfig, VisionEncoder
 
@@ -86,7 +87,24 @@ class VisionLanguageModel(nn.Module):
     def from_saved(cls, saved: SavedModel, device: str | torch.device = "cpu") -> "VisionLanguageModel":
         """The model of a model directory already read (`vlm.checkpoint.read_model_directory`), with its weights."""
         token_ids = TokenIds.of(saved.tokenizer, saved.chat_format, saved.data.tokenizer.image_token)
-        model = cls(typed_section(saved.config.model, ModelConfig, "model"), token_ids)
+        model_cfg = typed_section(saved.config.model, ModelConfig, "model")
+        train = saved.config.train
+        lora = typed_section(train.lora, LoraSettings, "train.lora") if "lora" in train else LoraSettings()
+        if saved.base_fingerprint is None:  # every tensor in the file (an adapted model's too: its adapters)
+            model = cls(model_cfg, token_ids)
+            if lora.enabled:
+                add_adapters(model, lora)
+            return saved.load_weights(model, device)
+        # LoRA adapters: the base is built as training built it (vlm/build.py), then checked against the fingerprint.
+        with torch.random.fork_rng():
+            torch.manual_seed(train.seed)  # a randomly initialised base draws what training drew after set_seed
+            model = cls(model_cfg, token_ids)
+        if train.init_from:
+            load_initial_weights(model, Path(train.init_from))
+        add_adapters(model, lora)
+        found = base_fingerprint(model, saved.stored_names())
+        if found != saved.base_fingerprint:
+            raise base_mismatch(saved.directory, saved.base_fingerprint, found)
         return saved.load_weights(model, device)
 
     def save_pretrained(self, directory, tokenizer, config) -> None:

@@ -3,7 +3,8 @@
 Each parameter gets its settings in three layers: the stage (align / finetune / full) decides
 which top-level modules train; `train.modules.<name>` sets trainable, lr scale and weight decay per
 module; `train.param_overrides` (regex on parameter names, first match wins) refines single
-parameters. No weight decay on biases, norm weights and embeddings by default (decaying them hurts
+parameters. With LoRA (`train.lora.enabled`) the adapted modules (the LM, and the vision tower with
+`train.lora.vision`) train through their adapters only, and `train.lora.modules_to_save` train fully. No weight decay on biases, norm weights and embeddings by default (decaying them hurts
 and buys nothing). Frozen parameters get requires_grad=False and stay out of the optimizer.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from vlm.config import ConfigError
+from vlm.models.lora import in_module, is_adapter
 from vlm.training.train_config import ModuleSettings, TrainConfig
 
 STAGES = {
@@ -70,8 +72,17 @@ def param_settings(model: nn.Module, cfg: TrainConfig) -> dict[str, ParamSetting
             trainable = trainable if override.trainable is None else override.trainable
             lr_scale = lr_scale if override.lr_scale is None else override.lr_scale
             weight_decay = weight_decay if override.weight_decay is None else override.weight_decay
+        if cfg.lora.enabled:
+            trainable = _trains_with_lora(name, module, trainable, cfg)
         settings[name] = ParamSettings(trainable, lr_scale, weight_decay)
     return settings
+
+
+def _trains_with_lora(name: str, module: str, staged: bool, cfg: TrainConfig) -> bool:
+    if is_adapter(name) or in_module(name, cfg.lora.modules_to_save):
+        return True
+    adapted = {"lm", "vision"} if cfg.lora.vision else {"lm"}
+    return False if module in adapted else staged
 
 
 def apply_trainable(model: nn.Module, settings: dict[str, ParamSettings]) -> None:
@@ -134,8 +145,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     )  # fmt: skip
 
 
-def trainable_table(model: nn.Module) -> str:
-    """Per-module trainable and frozen parameter counts, as printed at start-up."""
+def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per top-level module: (trainable, frozen) parameter counts, tied weights once."""
     counts: dict[str, list[int]] = {}
     seen = set()
     for name, param in model.named_parameters():
@@ -144,6 +155,11 @@ def trainable_table(model: nn.Module) -> str:
         seen.add(id(param))
         row = counts.setdefault(_module_of(name), [0, 0])
         row[0 if param.requires_grad else 1] += param.numel()
+    return {module: (t, f) for module, (t, f) in counts.items()}
+
+
+def trainable_table(counts: dict[str, tuple[int, int]]) -> str:
+    """`parameter_counts` as printed at start-up."""
     lines = [f"{'module':<12}{'trainable':>14}{'frozen':>14}"]
     lines += [f"{module:<12}{t:>14,}{f:>14,}" for module, (t, f) in counts.items()]
     total_t, total_f = (sum(col) for col in zip(*counts.values()))

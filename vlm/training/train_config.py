@@ -6,6 +6,8 @@ importing the trainer.
 
 from dataclasses import dataclass, field
 
+from vlm.models.lora import LoraSettings
+
 
 @dataclass
 class ModuleSettings:
@@ -43,6 +45,7 @@ class TrainConfig:
     stage: str = "full"  # align (projector) | finetune (projector + lm) | full (everything)
     modules: dict[str, ModuleSettings] = field(default_factory=dict)
     param_overrides: list[ParamOverride] = field(default_factory=list)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # LoRA adapters (vlm/models/lora.py)
     # Stability.
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops

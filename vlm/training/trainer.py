@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,12 +27,20 @@ from vlm.data.packing import pack_samples
 from vlm.data.streaming import StreamPosition
 from vlm.data.transfer import move_to
 from vlm.evaluation import EvalResult, evaluate, merge_results
+from vlm.models.lora import adapter_base, has_adapters
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM, warn_if_batch_norm
 from vlm.training.batching import Throughput, computed_tokens, training_steps
 from vlm.training.device import peak_memory_bytes
 from vlm.training.distributed import Agreement, per_process_share, prepare
 from vlm.training.non_finite import NonFiniteSteps
-from vlm.training.optim import apply_trainable, build_optimizer, build_scheduler, param_settings, trainable_table
+from vlm.training.optim import (
+    apply_trainable,
+    build_optimizer,
+    build_scheduler,
+    param_settings,
+    parameter_counts,
+    trainable_table,
+)
 from vlm.training.parts import Components, RunConfig
 from vlm.training.report import describe_eval, eval_record, summary_line, write_run_outputs
 from vlm.training.steps_ahead import StepsAhead
@@ -55,6 +64,8 @@ class Trainer:
         model = parts.model
         settings = param_settings(model, tc)
         apply_trainable(model, settings)
+        self.adapter_base = adapter_base(model) if has_adapters(model) else None  # before compile and sharding
+        self.parameters = parameter_counts(model)
         if tc.activation_checkpointing:
             model.enable_activation_checkpointing()
         compiled = apply_compile(model, mode_for_device(tc.compile, accelerator.device))
@@ -64,7 +75,7 @@ class Trainer:
         self.model, self.optimizer = prepare(accelerator, model, optimizer)
         self.checkpointer = Checkpointer(
             self.run_dir, accelerator, self.model, self.optimizer, self.scheduler, parts.tokenizer, cfg,
-            tc.global_batch_size, tc.keep_last, tc.best_metric,
+            tc.global_batch_size, tc.keep_last, tc.best_metric, self.adapter_base,
         )  # fmt: skip
         self.share = per_process_share(tc.global_batch_size, self.world_size)
         self.agreement = Agreement(self.world_size)
@@ -74,6 +85,8 @@ class Trainer:
         if self.accumulator.micro_batch_size < self.share or self.accumulator.simulate or self.world_size > 1:
             warn_if_batch_norm(model)
         self.packed = parts.data.batching == "packed"
+        ahead = parts.data.encode_ahead
+        self.encode_ahead = accelerator.device.type != "cpu" if ahead is None else ahead
         self.collator = Collator(parts.tokenizer.pad_token_id, "right")
         self.throughput = Throughput()
         self.filler = filler_sample(parts.tokenizer.pad_token_id, model.cfg.vision.image_size)
@@ -81,8 +94,6 @@ class Trainer:
         self.stream_position: StreamPosition | None = None  # streaming: where the next step's records start
         self.step, self.bad_steps = 0, NonFiniteSteps(tc.max_bad_steps)
         self.data_skips = SkipTally(parts.data.on_error, parts.data.max_skip_fraction, parts.data.skip_check_after)
-        if tc.init_from:
-            self.checkpointer.load_weights(Path(tc.init_from))
         resume_from = self.checkpointer.directory.resume_path(tc.resume)
         if resume_from is not None:
             self._restore(self.checkpointer.restore(resume_from))
@@ -94,7 +105,8 @@ class Trainer:
             self.train_log.truncate_after(self.step)  # a resumed run rewrites the steps after its checkpoint
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
             parts.tokenizer.save_pretrained(self.run_dir / "tokenizer")  # a trained one must outlive a crash
-            log.info("parameters (stage %s):\n%s", tc.stage, trainable_table(self.unwrapped))
+            lora = " + LoRA adapters" if self.adapter_base else ""
+            log.info("parameters (stage %s%s):\n%s", tc.stage, lora, trainable_table(self.parameters))
 
     @property
     def unwrapped(self):
@@ -202,7 +214,7 @@ class Trainer:
                 if self.first_step_samples is None:
                     self.first_step_samples = [s.index for s in samples]
                 data_wait = time.perf_counter() - step_start
-                with self.steps_ahead.meanwhile():  # the next step's samples are encoded during this one
+                with self.steps_ahead.meanwhile() if self.encode_ahead else nullcontext():
                     stats = self.train_step(samples)
                 data_wait += self.steps_ahead.waited_s
                 record = self._step_record(stats, time.perf_counter() - step_start, data_wait)
@@ -331,6 +343,9 @@ class Trainer:
             "oom_back_offs": len(self.accumulator.back_offs),
             "micro_batch_size": self.accumulator.micro_batch_size,
             **self.throughput.summary(self.world_size),
+            "trainable_parameters": sum(t for t, _ in self.parameters.values()),
+            "frozen_parameters": sum(f for _, f in self.parameters.values()),
+            "final_checkpoint_bytes": self.checkpointer.final_size(),
             "wall_time_s": time.perf_counter() - self.started,
         }
         if self.is_main:
