@@ -293,17 +293,18 @@ def test_two_processes_streaming_train_like_one(tmp_path):
     assert_same_weights(one.weights(), two.weights())
 
 
-def test_fsdp_refuses_init_weights_with_a_missing_tensor(one_process, tmp_path):
+def test_fsdp_refuses_to_resume_from_weights_with_a_missing_tensor(one_process, tmp_path):
     """Each process takes its shard of the full tensors; a checkpoint that lacks one stops every process with a
-    message naming it, instead of training from a half-loaded model."""
-    source = one_process.run_dir / "checkpoints" / "final"
-    weights = load_file(source / "model.safetensors")
+    message naming it, instead of training on from a half-loaded model (set_model_state_dict alone would fill the
+    gap with the model's own initial tensor)."""
+    shutil.copytree(one_process.run_dir / "checkpoints", tmp_path / "checkpoints")
+    (step,) = [p for p in (tmp_path / "checkpoints").glob("step_*")]  # the best (final) step, resumable
+    weights = load_file(step / "model.safetensors")
     dropped = next(k for k in sorted(weights) if "layernorm" in k)  # no tied tensor: it must be there
-    shutil.copytree(source, tmp_path / "partial")
-    save_file({k: v for k, v in weights.items() if k != dropped}, str(tmp_path / "partial" / "model.safetensors"))
-    run = launch(tmp_path / "run", [*SHAPES, f"train.init_from={tmp_path / 'partial'}"], via="fsdp", expect_ok=False)
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(step / "model.safetensors"))
+    run = launch(tmp_path, [*SHAPES, "train.resume=auto", "train.max_steps=6"], via="fsdp", expect_ok=False)
     assert "exitcode: 2" in run.stderr
-    assert f"error: cannot load weights from {tmp_path / 'partial'}: missing keys ['{dropped}']" in run.stderr
+    assert f"error: cannot load weights from {step}: missing keys ['{dropped}']" in run.stderr
 
 
 def test_lora_two_processes_train_like_one_with_ddp_and_fsdp(tmp_path):
