@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -21,7 +22,9 @@ from vlm.build import build_components, validate_config
 from vlm.checkpoint import ResumeMismatchError
 from vlm.config import ConfigError
 from vlm.data.collate import Collator
+from vlm.evaluate import main as evaluate_main
 from vlm.export import main as export_main
+from vlm.generate import main as generate_main
 from vlm.models.lora import is_adapter
 
 LORA = ["train.lora.enabled=true", "train.stage=finetune", "train.lora.r=4", "train.lora.alpha=8"]
@@ -194,3 +197,15 @@ def test_a_lora_stage_starts_from_an_aligned_checkpoint_and_reloads_onto_it(tmp_
     assert torch.equal(logits(load_pretrained(final).model, batch), logits(lora.unwrapped, batch))
     with pytest.raises(ResumeMismatchError, match="holds LoRA adapters, not a whole model.*merge_lora=true"):
         make_trainer(tmp_path / "again", *LORA, *RUN, f"train.init_from={final}")
+
+
+def test_generate_and_evaluate_take_a_lora_directory(trained, tmp_path, capsys):
+    trainer, _, run_dir = trained
+    final = run_dir / "checkpoints" / "final"
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(image)
+    assert generate_main([f"checkpoint={final}", f"image={image}", "prompt=What colour?", "max_new_tokens=3"]) == 0
+    assert evaluate_main([f"checkpoint={final}", f"output_dir={tmp_path}", "max_new_tokens=3"]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    expected = json.loads((run_dir / "metrics.json").read_text())["val_loss"]  # the run's own final evaluation
+    assert report["val_loss"] == pytest.approx(expected, rel=1e-5)
