@@ -209,3 +209,15 @@ def test_generate_and_evaluate_take_a_lora_directory(trained, tmp_path, capsys):
     report = json.loads((tmp_path / "eval.json").read_text())
     expected = json.loads((run_dir / "metrics.json").read_text())["val_loss"]  # the run's own final evaluation
     assert report["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_vision_adapters_train_the_tower_through_its_adapters_only():
+    from vlm.training.optim import apply_trainable, param_settings
+
+    run = validate_config(compose_config(*TINY_VIT, *LORA, "train.lora.vision=true", "train.stage=full"))
+    model = build_components(run).model
+    apply_trainable(model, param_settings(model, run.train))
+    vision = {n for n, p in model.named_parameters() if n.startswith("vision.") and p.requires_grad}
+    adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in vision if ".lora_A." in n}
+    assert adapted == {"qkv", "proj", "fc1", "fc2"} and all(is_adapter(n) for n in vision)
+    assert not any("patch_embed" in n for n in vision)  # attn.proj, not the patch embedding's convolution

@@ -25,8 +25,9 @@ from vlm.checkpoint import AdapterBase
 from vlm.config import ConfigError
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
-# The vision towers' linear layers by their timm names: attention (qkv, proj) and MLP (fc1, fc2) of ViT-style blocks.
-VISION_TARGETS = ["qkv", "proj", "fc1", "fc2"]
+# The vision towers' linear layers by their timm names: attention (qkv, attn.proj) and MLP (fc1, fc2) of ViT-style
+# blocks; `attn.proj`, not `proj`, which would also match the patch embedding's convolution.
+VISION_TARGETS = ["qkv", "attn.proj", "fc1", "fc2"]
 
 
 @dataclass
