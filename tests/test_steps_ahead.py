@@ -8,10 +8,13 @@ import pytest
 from vlm.training.steps_ahead import StepsAhead
 
 
-def _steps(log: list, fail_at: int | None = None, delay: float = 0.0):
+def _steps(log: list, fail_at: int | None = None, gate: threading.Event | None = None):
+    """Steps 0, 1, ...; each step after the first waits for `gate` (when given) before it is made."""
     step = 0
     while True:
-        time.sleep(delay)
+        if gate is not None and step > 0:
+            assert gate.wait(timeout=30)
+            time.sleep(0.01)  # a step takes a while: the block's end must wait for it
         if step == fail_at:
             raise ValueError(f"step {step} is unreadable")
         log.append((step, threading.current_thread().name))
@@ -20,13 +23,14 @@ def _steps(log: list, fail_at: int | None = None, delay: float = 0.0):
 
 
 def test_the_next_step_is_prepared_in_the_background_during_the_block_and_ready_when_it_ends():
-    log = []
-    ahead = StepsAhead(_steps(log, delay=0.05))
+    log, gate = [], threading.Event()
+    ahead = StepsAhead(_steps(log, gate=gate))
     assert next(ahead) == 0  # nothing prepared yet: read here
     with ahead.meanwhile():
-        assert len(log) == 1  # still being prepared: the block does not wait for it at its start
-    assert log[1] == (1, log[1][1]) and log[1][1].startswith("vlm-next-step")
-    assert ahead.waited_s > 0.0  # the block's end waited for step 1 (it takes 0.05 s; the block took none)
+        assert len(log) == 1  # step 1 is held at the gate: the block does not wait for it at its start
+        gate.set()
+    assert log[1][0] == 1 and log[1][1].startswith("vlm-next-step")  # made in the background thread
+    assert ahead.waited_s > 0.0  # the block's end waited for step 1
     assert next(ahead) == 1
     assert len(log) == 2  # outside a block nothing is read ahead: evaluation and saving run alone
     assert next(ahead) == 2 and log[2][1] == threading.current_thread().name
