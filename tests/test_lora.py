@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import TINY_VIT, compose_config, make_trainer, new_trainer
-from tests.test_accumulation import conversation, gradients_with_micro_batch
+from tests.test_accumulation import conversation, gradients_with_micro_batch, run_params
 from tests.test_resume import StopAfter, assert_bitwise_equal, losses, params
 from vlm import load_pretrained
 from vlm.build import build_components, validate_config
@@ -221,3 +221,16 @@ def test_vision_adapters_train_the_tower_through_its_adapters_only():
     adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in vision if ".lora_A." in n}
     assert adapted == {"qkv", "proj", "fc1", "fc2"} and all(is_adapter(n) for n in vision)
     assert not any("patch_embed" in n for n in vision)  # attn.proj, not the patch embedding's convolution
+
+
+def test_the_out_of_memory_back_off_leaves_the_lora_run_unchanged(tmp_path):
+    exact = [*LORA, "train.lora.dropout=0"]  # the masks would differ between micro-batch splits
+    reference, _, initial = run_params(tmp_path / "plain", *exact)
+    params, metrics, _ = run_params(
+        tmp_path / "oom", *exact, "train.simulate_oom_above=3", "train.simulate_oom_in=backward"
+    )
+    assert metrics["oom_back_offs"] == 2 and metrics["micro_batch_size"] == 2
+    adapters = [n for n in reference if is_adapter(n)]
+    assert torch.cat([(params[n] - initial[n]).flatten() for n in adapters]).norm() > 0  # the adapters trained
+    difference = torch.cat([(params[n] - reference[n]).flatten() for n in reference]).norm()
+    assert difference / torch.cat([p.flatten() for p in reference.values()]).norm() < 1e-6
