@@ -7,7 +7,8 @@ Steps, each a subprocess with its own time limit (its log beside the JSON), one 
 1. the test suite (on a GPU machine its GPU-only tests run instead of skipping);
 2. `train_debug.py --large-scale` in bf16 for each compile mode, with the graph-break and recompile checks;
 3. a short training run in fp16 with the grad scaler (CUDA only);
-4. packed rows on a LLaVA corpus with flash-attention when the flash-attn package is installed, else SDPA.
+4. packed rows on a LLaVA corpus with flash-attention when the flash-attn package is installed, else SDPA;
+5. LoRA against full fine-tuning of the LM (`--large-scale`, bf16, eager): trained parameters, memory, tokens/s.
 The JSON holds each step's exit status and seconds, and the figures: tokens/s, MFU, recompiles, graph breaks, first
 step per mode; the fp16 run's losses and skipped steps; the packed run's real tokens/s and real-token fraction.
 """
@@ -83,6 +84,13 @@ def main() -> int:
                *(["train.mixed_precision=bf16"] if cuda else [])]  # fmt: skip
     steps["packed"] = run("packed", command, out, timeout=300)
     figures["packed"] = {"attention": attention, "metrics": read_json(packed / "metrics.json")}
+
+    for name, tuning in [("finetune_full", []), ("finetune_lora", ["train.lora.enabled=true"])]:
+        summary = out / f"{name}.json"
+        command = [*debug, "--skip-compile-bench", "--skip-graph-check", "--skip-recompile-check", "--json",
+                   str(summary), "train.stage=finetune", *tuning]  # fmt: skip
+        steps[name] = run(name, command, out, timeout=300)
+        figures[name] = read_json(summary)
 
     report = {"device": args.device, "quick": args.quick, "python": platform.python_version(), "steps": steps,
               "figures": figures, "environment": environment()}  # fmt: skip
