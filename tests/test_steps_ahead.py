@@ -43,3 +43,12 @@ def test_an_error_while_preparing_is_raised_by_the_next_step_not_inside_the_bloc
         pass
     with pytest.raises(ValueError, match="step 1 is unreadable"):
         next(ahead)
+
+
+def test_not_enabled_the_block_reads_nothing_ahead():
+    log = []
+    ahead = StepsAhead(_steps(log), enabled=False)  # the trainer's choice on a CPU (data.encode_ahead=null)
+    next(ahead)
+    with ahead.meanwhile():
+        pass
+    assert len(log) == 1 and next(ahead) == 1 and log[1][1] == threading.current_thread().name

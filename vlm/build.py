@@ -55,7 +55,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
-    check_lora_settings(t.lora, t.device)
+    check_lora_settings(t.lora)
     if t.lora.enabled and t.stage == "align":
         raise ConfigError(
             "train.lora.enabled=true with train.stage=align: align trains the projector alone, and LoRA adapts the LM. "

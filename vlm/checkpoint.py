@@ -149,13 +149,10 @@ class SavedModel:
     data: DataConfig
     tokenizer: PreTrainedTokenizerBase
     chat_format: ChatFormat
-    base_fingerprint: str | None = None  # a LoRA directory's: its model is rebuilt from the base's own sources
-
-    def stored_names(self) -> set[str]:
-        return stored_names(self.directory)
+    adapter_base: AdapterBase | None = None  # a LoRA directory's: its model is rebuilt from the base's own sources
 
     def load_weights(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
-        if self.base_fingerprint is None:
+        if self.adapter_base is None:
             load_model(model, str(self.directory / WEIGHTS), device=safetensors_device(device))
         else:
             load_state(model, load_file(str(self.directory / WEIGHTS)), partial=True)
@@ -177,8 +174,10 @@ def read_model_directory(directory: Path) -> SavedModel:
     cfg = OmegaConf.load(directory / CONFIG)
     cfg.data.tokenizer.pretrained = str(directory / TOKENIZER)  # no hub access, no re-training of the tokenizer
     adapters = directory / ADAPTER_BASE
-    fingerprint = json.loads(adapters.read_text())["fingerprint"] if adapters.is_file() else None
-    if fingerprint is None:
+    adapter_base = None
+    if adapters.is_file():
+        adapter_base = AdapterBase(frozenset(stored_names(directory)), json.loads(adapters.read_text())["fingerprint"])
+    else:
         cfg.model.lm.pretrained = None
         cfg.model.lm.config = AutoConfig.from_pretrained(directory / LM_CONFIG).to_dict()
         cfg.model.vision.pretrained = False
@@ -187,7 +186,7 @@ def read_model_directory(directory: Path) -> SavedModel:
     tokenizer = build_tokenizer(data.tokenizer, [], data.chat.special_tokens)
     chat_format = ChatFormat(data.chat, tokenizer)
     check_chat_template(chat_format)
-    return SavedModel(directory, cfg, data, tokenizer, chat_format, fingerprint)
+    return SavedModel(directory, cfg, data, tokenizer, chat_format, adapter_base)
 
 
 def read_full_weights(directory: Path) -> dict[str, torch.Tensor]:

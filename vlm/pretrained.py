@@ -34,7 +34,4 @@ def load_pretrained(directory: Path, device: str | torch.device = "cpu") -> Pret
     saved = read_model_directory(directory)
     model = VisionLanguageModel.from_saved(saved, device)
     processor = build_processor(model, saved.chat_format, saved.data)
-    adapters = None
-    if saved.base_fingerprint is not None:
-        adapters = AdapterBase(frozenset(saved.stored_names()), saved.base_fingerprint)
-    return Pretrained(model, saved.tokenizer, processor, saved.config, adapters)
+    return Pretrained(model, saved.tokenizer, processor, saved.config, saved.adapter_base)

@@ -49,7 +49,7 @@ class LoraSettings:
     quantize_base: str | None = None  # 4bit | 8bit: QLoRA through bitsandbytes (CUDA only)
 
 
-def check_lora_settings(lora: LoraSettings, device_type: str) -> None:
+def check_lora_settings(lora: LoraSettings) -> None:
     """What can be told before any model is built."""
     if not lora.enabled:
         return
@@ -62,8 +62,8 @@ def check_lora_settings(lora: LoraSettings, device_type: str) -> None:
             raise ConfigError(f"train.lora.quantize_base={lora.quantize_base!r} is not one of: 4bit, 8bit, null")
         raise ConfigError(
             f"train.lora.quantize_base={lora.quantize_base} (QLoRA) needs a CUDA GPU and bitsandbytes, and this "
-            f"release does not quantize yet (device: {device_type}); train LoRA on the unquantized base with "
-            "train.lora.quantize_base=null. See TROUBLESHOOTING.md#qlora-on-a-cpu."
+            "release does not quantize yet; train LoRA on the unquantized base with train.lora.quantize_base=null. "
+            "See TROUBLESHOOTING.md#qlora-on-a-cpu."
         )
 
 

@@ -90,7 +90,7 @@ class VisionLanguageModel(nn.Module):
         model_cfg = typed_section(saved.config.model, ModelConfig, "model")
         train = saved.config.train
         lora = typed_section(train.lora, LoraSettings, "train.lora") if "lora" in train else LoraSettings()
-        if saved.base_fingerprint is None:  # every tensor in the file (an adapted model's too: its adapters)
+        if saved.adapter_base is None:  # every tensor in the file (an adapted model's too: its adapters)
             model = cls(model_cfg, token_ids)
             if lora.enabled:
                 add_adapters(model, lora)
@@ -102,9 +102,9 @@ class VisionLanguageModel(nn.Module):
         if train.init_from:
             load_initial_weights(model, Path(train.init_from))
         add_adapters(model, lora)
-        found = base_fingerprint(model, saved.stored_names())
-        if found != saved.base_fingerprint:
-            raise base_mismatch(saved.directory, saved.base_fingerprint, found)
+        found = base_fingerprint(model, saved.adapter_base.stored)
+        if found != saved.adapter_base.fingerprint:
+            raise base_mismatch(saved.directory, saved.adapter_base.fingerprint, found)
         return saved.load_weights(model, device)
 
     def save_pretrained(self, directory, tokenizer, config) -> None:

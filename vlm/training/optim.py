@@ -4,8 +4,9 @@ Each parameter gets its settings in three layers: the stage (align / finetune / 
 which top-level modules train; `train.modules.<name>` sets trainable, lr scale and weight decay per
 module; `train.param_overrides` (regex on parameter names, first match wins) refines single
 parameters. With LoRA (`train.lora.enabled`) the adapted modules (the LM, and the vision tower with
-`train.lora.vision`) train through their adapters only, and `train.lora.modules_to_save` train fully. No weight decay on biases, norm weights and embeddings by default (decaying them hurts
-and buys nothing). Frozen parameters get requires_grad=False and stay out of the optimizer.
+`train.lora.vision`) train through their adapters only, and `train.lora.modules_to_save` train fully.
+No weight decay on biases, norm weights and embeddings by default (decaying them hurts and buys
+nothing). Frozen parameters get requires_grad=False and stay out of the optimizer.
 """
 
 import re

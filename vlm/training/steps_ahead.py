@@ -21,11 +21,12 @@ from contextlib import contextmanager
 
 
 class StepsAhead:
-    """An iterator over `steps` that can fetch the next item in a background thread during a `meanwhile()` block."""
+    """An iterator over `steps` that fetches the next item in a background thread during a `meanwhile()` block;
+    not `enabled`, a plain iterator whose blocks do nothing."""
 
-    def __init__(self, steps: Iterator):
+    def __init__(self, steps: Iterator, enabled: bool = True):
         self._steps = steps
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-next-step")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-next-step") if enabled else None
         self._next: Future | None = None
         self.waited_s = 0.0  # how long the end of the last `meanwhile()` block waited for the next step
 
@@ -41,6 +42,9 @@ class StepsAhead:
     @contextmanager
     def meanwhile(self):
         """Prepares the next item during the block; the block ends once it is ready."""
+        if self._thread is None:
+            yield
+            return
         self._next = self._thread.submit(next, self._steps)
         try:
             yield

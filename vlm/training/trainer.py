@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -189,7 +188,7 @@ class Trainer:
         steps = training_steps(
             self.parts, self.train_cfg, self.step, self.rank, self.world_size, self.stream_position, pin_memory
         )
-        self.steps_ahead = StepsAhead(steps)
+        self.steps_ahead = StepsAhead(steps, self.encode_ahead)
         return self._following_the_stream(self.steps_ahead)
 
     def _following_the_stream(self, steps: Iterator[tuple]) -> Iterator[list]:
@@ -214,7 +213,7 @@ class Trainer:
                 if self.first_step_samples is None:
                     self.first_step_samples = [s.index for s in samples]
                 data_wait = time.perf_counter() - step_start
-                with self.steps_ahead.meanwhile() if self.encode_ahead else nullcontext():
+                with self.steps_ahead.meanwhile():  # on GPUs, the next step is encoded meanwhile
                     stats = self.train_step(samples)
                 data_wait += self.steps_ahead.waited_s
                 record = self._step_record(stats, time.perf_counter() - step_start, data_wait)
