@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-torch
+.PHONY: train test test-torch test-bench
 
 # The oldest torch we support (README.md, Supported versions): `make test-torch` checks it in its own venv;
 # `make test-torch TORCH=2.14.1 TORCHVISION=0.29.1` checks another release the same way.
@@ -38,4 +38,17 @@ $(TORCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/pip install --quiet --upgrade pip
 	$(TORCH_VENV)/bin/pip install --quiet "torch==$(TORCH)" "torchvision==$(TORCHVISION)" -e ".[test]"
+	touch $@
+
+# The lmms-eval benchmark tests (tests/test_benchmark.py) in .venv-bench, which has the bench extra: lmms-eval is
+# large and pins other releases (wandb), so it stays out of the main venv and `make test` skips those tests.
+BENCH_VENV := .venv-bench
+
+test-bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python -m pytest -q tests/test_benchmark.py $(ARGS)
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -e ".[test,bench]"
 	touch $@

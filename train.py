@@ -14,15 +14,19 @@ import time
 from pathlib import Path
 
 import hydra
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vlm.build import build_components, validate_config
-from vlm.config import CONFIG_DIR, check_overrides
+from vlm.config import CONFIG_DIR, ConfigError, check_overrides
 from vlm.errors import reported_as_message
+from vlm.harness import require_lmms_eval
+from vlm.training.benchmark_hook import BenchmarkRun
 from vlm.training.device import configure_cpu_allocator, configure_cuda_allocator
 from vlm.training.distributed import build_accelerator, describe, log_to_own_file
+from vlm.training.parts import RunConfig
 from vlm.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -36,11 +40,29 @@ def build_trainer(cfg: DictConfig, run_dir: Path, trainer_class: type[Trainer] =
     accelerator = build_accelerator(run.train.device, run.train.mixed_precision)
     log_to_own_file(Path(run_dir), accelerator.process_index)
     log.info("%s", describe(accelerator))
+    benchmarks = build_benchmarks(cfg, run, accelerator)  # an unknown task fails here, before the model is built
     set_seed(run.train.seed)  # the same on every process: identical initial weights
     parts = build_components(run)
     if accelerator.num_processes > 1:
         set_seed(run.train.seed + accelerator.process_index)  # from here on (dropout) each process draws its own
-    return trainer_class(cfg, run, parts, accelerator, run_dir, started)
+    return trainer_class(cfg, run, parts, accelerator, run_dir, started, benchmarks)
+
+
+def build_benchmarks(cfg: DictConfig, run: RunConfig, accelerator: Accelerator) -> BenchmarkRun | None:
+    """`train.benchmarks.tasks` run by lmms-eval (the bench extra, imported only when tasks are named)."""
+    settings = run.train.benchmarks
+    if not settings.tasks:
+        return None
+    require_lmms_eval("train.benchmarks.tasks")
+    if accelerator.is_fsdp2:
+        raise ConfigError(
+            "train.benchmarks with FSDP: benchmark requests are answered per process on a whole model. Benchmark the "
+            "saved checkpoints instead: accelerate launch -m vlm.benchmark checkpoint=RUN/checkpoints/final ... "
+            "See TROUBLESHOOTING.md#benchmark-task-errors."
+        )
+    from vlm.harness.training import TrainingBenchmarks  # imports lmms-eval
+
+    return TrainingBenchmarks(settings, accelerator, OmegaConf.to_container(cfg, resolve=True))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

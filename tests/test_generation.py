@@ -140,3 +140,15 @@ def test_top_p_and_the_repetition_penalty_reach_decoding(saved_model):
     repeated = lambda answers: sum(len(ids) - len(set(ids)) for ids in answers)  # noqa: E731
     assert repeated(repeats) > 0  # greedy repeats itself somewhere ...
     assert repeated(penalised) < repeated(repeats)  # ... and the penalty makes it repeat less
+
+
+def test_stop_strings_end_answers_before_them(saved_model):
+    """A benchmark task's `until`: each answer is cut before the first stop string, and decoding stops there."""
+    parts, _ = saved_model
+    model = parts.model.eval()
+    prompts = prompts_of(parts, [parts.val_set[i] for i in range(4)])
+    uncut = generate_answers(model, parts.tokenizer, prompts, GenerationSettings(12), "cpu")
+    stop = next(a[len(a) // 2] for a in uncut if len(a) > 2)  # a character from inside an answer
+    cut = generate_answers(model, parts.tokenizer, prompts, GenerationSettings(12, stop_strings=stop), "cpu")
+    assert any(stop in a for a in uncut)
+    assert cut == [a.split(stop, 1)[0] for a in uncut]

@@ -16,6 +16,7 @@ from accelerate.state import AcceleratorState
 
 import train
 from tests.conftest import TINY, TINY_VIT, compose_config, new_trainer
+from vlm.benchmark import main as benchmark_main
 from vlm.check_data import main as check_main
 from vlm.checkpoint import Checkpointer
 from vlm.data.bad_samples import TooManyBadSamplesError
@@ -110,6 +111,9 @@ MISTAKES = {  # name: (arguments, given a tmp_path; what the message must say; t
                          "the records look to be under 'data'"], "a-data-file-that-is-missing-or-not-records"),
     "a list of numbers": (lambda d: [*LLAVA, f"data.dataset.path={write(d / 'n.json', '[1, 2, 3]')}"],
                           ["n.json holds no record", "element 1 is 1"], "a-data-file-that-is-missing-or-not-records"),
+    "a best metric no benchmark gives": (lambda d: ["+experiment=shapes", "train.best_metric=bench/mmstar/average"],
+                                         ["train.best_metric='bench/mmstar/average' is not one of",
+                                          "a task in train.benchmarks.tasks (none set)"], "config-key-errors"),
     "a CSV file": (lambda d: [*LLAVA, f"data.dataset.path={write(d / 'c.jsonl', 'a,b' + chr(10) + '1,2' + chr(10))}"],
                    ["c.jsonl holds no record", "line 1", "'a,b'"], "a-data-file-that-is-missing-or-not-records"),
 }  # fmt: skip
@@ -141,7 +145,20 @@ def test_a_tool_given_no_model_directory_says_what_one_is_and_lists_those_under_
     assert f"model directories under it: {tmp_path / 'run' / 'checkpoints' / 'final'}" in err
 
 
-@pytest.mark.parametrize("tool", [check_main, generate_main, evaluate_main, export_main])
+def test_benchmarks_without_the_bench_extra_name_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lmms_eval", None)  # as on a machine without the extra (`make test` has none)
+    code, err = run_train(["+experiment=shapes", "train.benchmarks.tasks=[mmstar]"], tmp_path / "run", capsys)
+    assert code == 2 and err.startswith("error: train.benchmarks.tasks needs lmms-eval, which is not installed")
+    assert benchmark_main(["checkpoint=c", "tasks=mmstar", "output_dir=o"]) == 2
+    assert capsys.readouterr().err.startswith("error: python -m vlm.benchmark needs lmms-eval")
+    assert "pip install -e '.[bench]'" in err
+    assert (
+        "TROUBLESHOOTING.md#benchmarks-need-the-bench-extra" in err
+        and "## benchmarks need the bench extra" in TROUBLESHOOTING.lower()
+    )
+
+
+@pytest.mark.parametrize("tool", [check_main, generate_main, evaluate_main, export_main, benchmark_main])
 def test_every_tool_has_a_usage_line(tool, capsys):
     assert tool(["--help"]) == 0
     assert f"python -m vlm.{tool.__module__.rsplit('.', 1)[1]}" in capsys.readouterr().out

@@ -47,7 +47,6 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         "train.mixed_precision": (t.mixed_precision, ("no", "bf16", "fp16")),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
         "train.simulate_oom_in": (t.simulate_oom_in, ("forward", "backward")),
-        "train.best_metric": (t.best_metric, (None, *HIGHER_IS_BETTER)),
         "logger.type": (run.logger.type, ("none", "wandb")),
         "logger.mode": (run.logger.mode, ("auto", "online", "offline", "disabled")),
         "model.projector.type": (run.model.projector.type, PROJECTORS),
@@ -56,6 +55,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
     check_lora_settings(t.lora)
+    check_best_metric(t)
     if t.lora.enabled and t.stage == "align":
         raise ConfigError(
             "train.lora.enabled=true with train.stage=align: align trains the projector alone, and LoRA adapts the LM. "
@@ -64,6 +64,17 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     if not timm.is_model(run.model.vision.name):
         raise ConfigError(f"model.vision.name={run.model.vision.name!r} is not a timm model")
     return run
+
+
+def check_best_metric(t: TrainConfig) -> None:
+    """A validation metric, or a score (`bench/TASK/METRIC`) of a task in train.benchmarks.tasks."""
+    best, tasks = t.best_metric, t.benchmarks.tasks
+    if best is None or best in HIGHER_IS_BETTER:
+        return
+    if best.startswith("bench/") and best.split("/")[1] in tasks:
+        return
+    scores = f", or bench/TASK/METRIC for a task in train.benchmarks.tasks ({', '.join(tasks) or 'none set'})"
+    raise ConfigError(f"train.best_metric={best!r} is not one of: None, {', '.join(HIGHER_IS_BETTER)}{scores}")
 
 
 def build_components(run: RunConfig) -> Components:

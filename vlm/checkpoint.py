@@ -171,6 +171,12 @@ def read_model_directory(directory: Path) -> SavedModel:
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file():
         raise not_a_model_directory(directory)
+    if not (directory / TOKENIZER).is_dir():  # the trained tokenizer: no other one gives the same ids
+        raise NotACheckpointError(
+            f"checkpoint={directory} has no {TOKENIZER}/ folder: a model is read with the tokenizer it was trained "
+            f"with. Copy the run directory's {TOKENIZER}/ next to {WEIGHTS}, or use a checkpoint saved by training or "
+            "vlm.export. See TROUBLESHOOTING.md#not-a-model-directory."
+        )
     cfg = OmegaConf.load(directory / CONFIG)
     cfg.data.tokenizer.pretrained = str(directory / TOKENIZER)  # no hub access, no re-training of the tokenizer
     adapters = directory / ADAPTER_BASE
@@ -331,12 +337,13 @@ class CheckpointDirectory:
         self._rotate()
         return final
 
-    def record_eval(self, step: int, metrics: dict) -> bool:
-        """Remember the best step by `best_metric`; True if this step is the new best."""
+    def record_eval(self, step: int, metrics: dict, higher_is_better: dict[str, bool] = HIGHER_IS_BETTER) -> bool:
+        """Remember the best step by `best_metric`; True if this step is the new best. `higher_is_better` says which
+        way each metric improves (benchmark scores bring their own)."""
         if not self.best_metric or self.best_metric not in metrics:
             return False
         best, value = self.best(), metrics[self.best_metric]
-        higher = HIGHER_IS_BETTER[self.best_metric]
+        higher = higher_is_better[self.best_metric]
         if best is not None and (value <= best["value"] if higher else value >= best["value"]):
             return False
         self._best = {"step": step, "metric": self.best_metric, "value": value}

@@ -5,7 +5,8 @@ Arguments are `key=value`, as for train.py:
   image=FILE | images=[A,B]      images, placed before the first question in order (none: a text-only prompt)
   prompt="..." | turns=[Q1,A1,Q2]  one question, or a conversation alternating user/assistant that ends with the user
   max_new_tokens=64 temperature=0 (greedy) top_k= top_p= repetition_penalty=1.0 device=auto
-The answer is printed as it is generated.
+  stop_strings=[".", "\n"]        the answer ends before the first of these
+The answer is printed as it is generated (with stop strings: once it is complete, cut before the stop string).
 """
 
 import sys
@@ -15,6 +16,7 @@ from transformers import TextStreamer
 
 from vlm.cli import UsageError, command, parse_args, resolve_device
 from vlm.data.bad_samples import BadSample
+from vlm.data.conversation import question_sample
 from vlm.generation import GenerationSettings, generate_answers
 from vlm.pretrained import load_pretrained
 
@@ -30,9 +32,7 @@ def conversation(args) -> dict:
         raise UsageError(
             'give prompt="..." or turns=[question, answer, ..., question] (an odd number, ending with a question)'
         )
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(text)} for i, text in enumerate(turns)]
-    messages[0]["content"] = [*({"type": "image"} for _ in images), {"type": "text", "text": messages[0]["content"]}]
-    return {"images": [str(path) for path in images], "messages": messages}
+    return question_sample([str(path) for path in images], turns)
 
 
 @command(__doc__)
@@ -47,8 +47,10 @@ def main(argv: list[str]) -> int:
     except BadSample as err:  # an unreadable image, say: named, with its TROUBLESHOOTING entry
         print(err, file=sys.stderr)
         return 1
-    streamer = TextStreamer(loaded.tokenizer, skip_special_tokens=True)
-    generate_answers(loaded.model.eval(), loaded.tokenizer, [prompt], settings, device, streamer=streamer)
+    streamer = None if settings.stop_strings else TextStreamer(loaded.tokenizer, skip_special_tokens=True)
+    answers = generate_answers(loaded.model.eval(), loaded.tokenizer, [prompt], settings, device, streamer=streamer)
+    if streamer is None:
+        print(answers[0])
     return 0
 
 

@@ -74,3 +74,11 @@ def place_images(
         if all(p["type"] == "text" for p in message["content"]):
             message["content"] = "".join(p["text"] for p in message["content"])
     return messages, order
+
+
+def question_sample(images: list, turns: list[str]) -> dict:
+    """The raw sample that asks `turns` (user, assistant, ..., user) about `images`, which go before the first
+    question in the order given: how `python -m vlm.generate` and the benchmark harness put questions."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(text)} for i, text in enumerate(turns)]
+    messages[0]["content"] = [*({"type": "image"} for _ in images), {"type": "text", "text": messages[0]["content"]}]
+    return {"images": list(images), "messages": messages}

@@ -2,7 +2,8 @@
 
 Drawn from train_log.jsonl (what the run logged, resumed runs included) at the end of training: training loss
 and validation loss against step on the left, validation accuracy per evaluation on the right, on the same steps,
-with the majority-answer baseline as the line to beat. Each kind has its own hollow marker, nudged sideways, so
+with the majority-answer baseline as the line to beat; benchmark scores (`train.benchmarks`) in a third panel when
+the run has any. Each kind has its own hollow marker, nudged sideways, so
 kinds with equal accuracy do not hide each other; a panel with nothing to draw says so.
 """
 
@@ -32,7 +33,9 @@ def _note_if_empty(axes, what: str) -> None:
 
 
 def draw_curves(records: list[dict], title: str, baseline: float | None = None) -> Figure:
-    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    scores = sorted({k for r in records for k in r if k.startswith("bench/")})
+    figure, panels = plt.subplots(1, 3 if scores else 2, figsize=(16.5 if scores else 11, 4), sharex=True)
+    losses, accuracy = panels[:2]
     for key, label in [("loss", "training loss"), ("val_loss", "validation loss")]:
         steps, values = _series(records, key)
         if steps:
@@ -53,12 +56,21 @@ def draw_curves(records: list[dict], title: str, baseline: float | None = None) 
     _note_if_empty(accuracy, "validation accuracy")
     if baseline is not None:
         accuracy.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="majority baseline")
-    for axes in (losses, accuracy):
+    if scores:
+        _draw_scores(panels[2], records, scores)
+    for axes in panels:
         if axes.get_legend_handles_labels()[0]:
             axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def _draw_scores(axes, records: list[dict], scores: list[str]) -> None:
+    for number, key in enumerate(scores):
+        steps, values = _series(records, key)
+        axes.plot(steps, values, marker=KIND_MARKERS[number % len(KIND_MARKERS)], label=key.removeprefix("bench/"))
+    axes.set(xlabel="step", ylabel="score (as the task defines it)", title="benchmarks (lmms-eval)")
 
 
 def write_curves(log_path: Path, out_path: Path, title: str, baseline: float | None = None) -> None:

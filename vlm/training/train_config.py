@@ -29,6 +29,18 @@ class ParamOverride:
 
 
 @dataclass
+class BenchmarkConfig:
+    """`train.benchmarks` (lmms-eval tasks during training) and the settings of `python -m vlm.benchmark`."""
+
+    tasks: list[str] = field(default_factory=list)  # lmms-eval task or group names; [] runs none
+    every: int | None = None  # training: steps between runs (and at the end); null: with each validation
+    limit: float | None = None  # at most this many samples per task (below 1: a fraction); null: the whole task
+    batch_size: int = 8  # requests per forward (per process)
+    max_new_tokens: int = 256  # for tasks that set none
+    include_path: str | None = None  # a folder of one's own lmms-eval task YAMLs (local data)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -68,6 +80,7 @@ class TrainConfig:
     max_new_tokens: int = 8
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end and on a stop signal
     keep_last: int = 2
-    best_metric: str | None = "val_accuracy"  # keep the best checkpoint by this validation metric; null: off
+    best_metric: str | None = "val_accuracy"  # keep the best checkpoint by this metric (val_* or bench/*); null: off
+    benchmarks: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # lmms-eval scores (vlm/harness/)
     init_from: str | None = None  # checkpoint whose weights start this run (e.g. finetune after align)
     resume: str | None = None  # null | auto (newest valid checkpoint of this run directory) | PATH

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from vlm.checkpoint import Checkpointer
+from vlm.checkpoint import HIGHER_IS_BETTER, Checkpointer
 from vlm.compile_policy import apply_compile, mode_for_device
+from vlm.config import ConfigError
 from vlm.data.bad_samples import SkippedSample, SkipTally
 from vlm.data.collate import Collator, filler_sample
 from vlm.data.packing import pack_samples
@@ -29,6 +30,7 @@ from vlm.evaluation import EvalResult, evaluate, merge_results
 from vlm.models.lora import adapter_base, has_adapters
 from vlm.training.accumulation import MicroBatchAccumulator, SimulatedOOM, warn_if_batch_norm
 from vlm.training.batching import Throughput, computed_tokens, training_steps
+from vlm.training.benchmark_hook import BenchmarkRun
 from vlm.training.device import peak_memory_bytes
 from vlm.training.distributed import Agreement, per_process_share, prepare
 from vlm.training.non_finite import NonFiniteSteps
@@ -53,10 +55,13 @@ class Trainer:
     """Trains the model of `parts` as `run` says; train.py builds both (and the accelerator) and hands them over."""
 
     def __init__(self, cfg: DictConfig, run: RunConfig, parts: Components, accelerator: Accelerator, run_dir: Path,
-                 started: float | None = None):  # fmt: skip
-        """`started`: when the run began (time.perf_counter()), building included; default: now."""
+                 started: float | None = None, benchmarks: BenchmarkRun | None = None):  # fmt: skip
+        """`started`: when the run began (time.perf_counter()), building included; default: now. `benchmarks`: the
+        lmms-eval tasks of `train.benchmarks` (vlm/harness/training.py), when the config names any."""
         self.started = started or time.perf_counter()
         self.cfg, self.parts, self.accelerator, self.run_dir = cfg, parts, accelerator, Path(run_dir)
+        self.benchmarks = benchmarks
+        self.higher_is_better = dict(HIGHER_IS_BETTER)  # grows with the benchmark scores as they come
         tc = self.train_cfg = run.train
         self.world_size, self.rank = accelerator.num_processes, accelerator.process_index
         self.is_main = accelerator.is_main_process
@@ -238,14 +243,18 @@ class Trainer:
         if self.is_main and (step % tc.log_every == 0 or step == tc.max_steps or record["skipped"]):
             self.train_log.write(record)
             self.tracker.log(record, step)
-        saved = False
+        saved, metrics = False, {}
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
             result = self.evaluate(tc.eval_samples)
             self._log_eval(result, step)
-            if self.checkpointer.directory.record_eval(step, result.metrics()):
-                log.info("step %d: new best %s; saving its checkpoint", step, tc.best_metric)
-                self.save()
-                saved = True
+            metrics.update(result.metrics())
+        every = tc.eval_every if tc.benchmarks.every is None else tc.benchmarks.every
+        if self.benchmarks and every and step % every == 0 and step < tc.max_steps:
+            metrics.update(self.run_benchmarks())
+        if metrics and self.checkpointer.directory.record_eval(step, metrics, self.higher_is_better):
+            log.info("step %d: new best %s; saving its checkpoint", step, tc.best_metric)
+            self.save()
+            saved = True
         if not saved and (stopping or (tc.save_every and step % tc.save_every == 0)):
             self.save()
         return stopping
@@ -276,6 +285,23 @@ class Trainer:
             indices, tc.eval_batch_size, tc.max_new_tokens, self.accelerator.device, in_step,
         )  # fmt: skip
         return merge_results(gather_object([result]))  # gather_object: [result] itself with one process
+
+    def run_benchmarks(self) -> dict[str, float]:
+        """The `train.benchmarks` tasks on the model as it is now; every process gets the scores (they decide
+        together whether this step is the best one). Files under benchmarks/step_N/ of the run directory."""
+        scores = self.benchmarks(self.unwrapped, self.parts, self.run_dir / "benchmarks" / f"step_{self.step}")
+        scores = broadcast_object_list([scores])[0]  # computed on the main process
+        self.higher_is_better.update(scores.higher_is_better)
+        best = self.train_cfg.best_metric
+        if best and best.startswith("bench/") and best not in scores.values:
+            raise ConfigError(f"train.best_metric={best} is not a score the benchmarks gave; they gave: "
+                              f"{', '.join(scores.values)}. See TROUBLESHOOTING.md#benchmark-task-errors.")  # fmt: skip
+        if self.is_main:
+            tqdm.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.values.items()))
+            record = {"step": self.step, **scores.values}
+            self.train_log.write(record)
+            self.tracker.log(record, self.step)
+        return scores.values
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
@@ -318,7 +344,10 @@ class Trainer:
         """Evaluate on the whole validation split, save the checkpoints, write metrics and predictions."""
         final = self.evaluate(len(self.parts.val_set))
         self._log_eval(final, self.step)
-        best = self.checkpointer.directory.record_eval(self.step, final.metrics())  # the final one may be the best
+        benchmark_scores = self.run_benchmarks() if self.benchmarks else {}
+        best = self.checkpointer.directory.record_eval(
+            self.step, {**final.metrics(), **benchmark_scores}, self.higher_is_better
+        )  # the final one may be the best
         self.checkpointer.save_final()
         if self.train_cfg.save_every or best:  # best.json always names a resumable checkpoint that exists
             self.save()
@@ -345,6 +374,7 @@ class Trainer:
             "trainable_parameters": sum(t for t, _ in self.parameters.values()),
             "frozen_parameters": sum(f for _, f in self.parameters.values()),
             "final_checkpoint_bytes": self.checkpointer.final_size(),
+            **benchmark_scores,
             "wall_time_s": time.perf_counter() - self.started,
         }
         if self.is_main:
