@@ -1,10 +1,12 @@
-"""1 process vs 2 (DDP) vs 2 (FSDP2) on the same global batch: tokens/s and each process's peak memory.
+"""1 process vs 2 (DDP) vs 2 (FSDP2) on the same global batch: tokens/s and each process's peak memory; then FSDP2
+checkpoints, sharded vs consolidated: save time, each process's peak memory after a save, and resume time.
 
     python bench/processes.py [--large-scale] [train.py overrides ...]
 
 Each run trains `train.max_steps` steps (default 6) of the debug experiment, or the train_debug.py
 --large-scale model; tokens/s is the median over the steps after the first, peak memory is each
-process's own (peak RSS on CPU, peak allocated on GPU). Runs go under /tmp/bench_processes.
+process's own (peak RSS on CPU, peak allocated on GPU). The checkpoint runs save every 2 steps, then resume from
+the last save for 2 more steps. Runs go under /tmp/bench_processes.
 """
 
 import json
@@ -25,16 +27,42 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
-def run(name: str, launcher: list[str], overrides: list[str]) -> dict:
+def train(name: str, launcher: list[str], overrides: list[str]) -> tuple[Path, dict]:
     run_dir = Path("/tmp/bench_processes") / name.replace(" ", "_").replace(",", "")
     subprocess.run([*launcher, "train.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+def gib(size: int) -> float:
+    return round(size / 2**30, 2)
+
+
+def run(name: str, launcher: list[str], overrides: list[str]) -> dict:
+    run_dir, metrics = train(name, launcher, overrides)
     steps = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     speeds = [s["tokens_per_s"] for s in steps if "tokens_per_s" in s][1:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    peaks = [round(p["peak_memory_bytes"] / 2**30, 2) for p in metrics["processes"]]
+    peaks = [gib(p["peak_memory_bytes"]) for p in metrics["processes"]]
     return {"run": name, "world_size": metrics["world_size"], "tokens_per_s": round(statistics.median(speeds)),
             "peak_memory_gib_per_process": peaks, "final_train_loss": metrics["final_train_loss"]}  # fmt: skip
+
+
+def checkpoints(checkpoint_format: str, overrides: list[str]) -> dict:
+    """FSDP2 with `train.checkpoint.format`: saves every 2 steps, then a resumed run of 2 more steps."""
+    name, launcher = f"2 processes, FSDP2, {checkpoint_format} checkpoints", LAUNCHERS["2 processes, FSDP2"]
+    saving = [
+        *overrides,
+        f"train.checkpoint.format={checkpoint_format}",
+        "train.save_every=2",
+        "train.best_metric=null",
+    ]
+    _, metrics = train(name, launcher, saving)
+    steps = next(a for a in reversed(saving) if a.startswith("train.max_steps=")).split("=")[1]
+    _, resumed = train(name, launcher, [*saving, f"train.max_steps={int(steps) + 2}", "train.resume=auto"])
+    saves = [p["checkpoint_saves"] for p in metrics["processes"]]
+    return {"run": name, "save_s_per_process": [round(statistics.median(s["seconds"] for s in p), 2) for p in saves],
+            "peak_memory_gib_after_save_per_process": [gib(max(s["peak_memory_bytes"] for s in p)) for p in saves],
+            "resume_s_per_process": [round(p["resume_s"], 2) for p in resumed["processes"]]}  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -44,6 +72,8 @@ def main(argv: list[str]) -> None:
                  *[a for a in argv if a != "--large-scale"]]  # fmt: skip
     for name, launcher in LAUNCHERS.items():
         print(json.dumps(run(name, launcher, overrides)), flush=True)
+    for checkpoint_format in ("consolidated", "sharded"):
+        print(json.dumps(checkpoints(checkpoint_format, overrides)), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY, TINY_MODEL, TINY_VIT, compose_config, new_trainer
+from vlm.data.collate import Collator
+from vlm.data.formats import build_dataset, data_config
 from vlm.data.shapes_export import data_overrides, export
+from vlm.export import main as export_main
+from vlm.pretrained import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["train.max_steps=5", "train.global_batch_size=8", "train.log_every=1", "train.eval_every=0",
@@ -139,6 +143,29 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert two["val_accuracy"] == one["val_accuracy"] and two["val_accuracy_samples"] == one["val_accuracy_samples"]
 
 
+def test_two_machines_on_localhost_train_like_two_processes_on_one(two_processes, tmp_path):
+    """README's multi-node command as two "machines" (torchrun --nnodes 2, one process each, c10d rendezvous): each
+    is local process 0 of its machine, the global ranks are 0 and 1, one of them writes, and the run equals the
+    one-machine 2-process run."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "vlm-test", "train.py", *SHAPES,
+               f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    machines = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]  # fmt: skip
+    for machine in machines:
+        _, stderr = machine.communicate(timeout=HANG_TIMEOUT_S)
+        assert machine.returncode == 0, stderr[-3000:]
+    logs = [(tmp_path / name).read_text() for name in ("train.log", "train_rank1.log")]
+    assert "world_size 2: process 0 (local process 0 on its machine" in logs[0]
+    assert "world_size 2: process 1 (local process 0 on its machine" in logs[1]
+    two_machines = Run(tmp_path, "")
+    assert two_machines.metrics["world_size"] == 2
+    assert_close(two_processes.losses, two_machines.losses, rel=1e-6)
+    assert_same_weights(two_processes.weights(), two_machines.weights(), rel=1e-6)
+
+
 def test_two_processes_packing_train_like_one_padded(one_process, tmp_path):
     """Each process packs its own share into rows, one row per micro-batch; a process with fewer rows runs
     zero-weight filler micro-batches (unpacked), so both run the same number of forwards and all-reduces. The
@@ -238,11 +265,16 @@ def test_resumed_two_process_run_repeats_the_uninterrupted_one(tmp_path):
     assert_same_weights(straight.weights(), resumed.weights(), rel=0)
 
 
-def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path):
+def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path, caplog):
     """FSDP2 through accelerate's plugin (configs/accelerate/fsdp.yaml): same per-step losses as one process;
-    checkpoints/final is one consolidated file that loads on one process; a stopped run resumes exactly."""
+    checkpoints/final is one consolidated file that loads on one process. Step checkpoints are sharded (each process
+    wrote its part): a stopped run resumes exactly on 2 processes, and on 1 as one process straight through; the
+    sharded step exports to the consolidated final's logits, bitwise."""
     straight = launch(tmp_path / "straight", SHAPES, via="fsdp")
-    assert "world_size 2: process 0 (DistributedType.FSDP" in (straight.run_dir / "train.log").read_text()
+    assert (
+        "world_size 2: process 0 (local process 0 on its machine; DistributedType.FSDP"
+        in (straight.run_dir / "train.log").read_text()
+    )
     assert straight.metrics["world_size"] == 2
     assert_close(one_process.losses, straight.losses)
     assert_same_weights(one_process.weights(), straight.weights())
@@ -252,22 +284,51 @@ def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path)
     assert (
         "exitcode: 143" in launch(tmp_path / "resumed", SHAPES, via="fsdp", script=str(script), expect_ok=False).stderr
     )
+    step = tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in (step / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (step / "model.safetensors").exists() and torch.load(step / "training_state.pt")["optimizer"] is None
+    shutil.copytree(tmp_path / "resumed", tmp_path / "on_one")
     resumed = launch(tmp_path / "resumed", [*SHAPES, "train.resume=auto"], via="fsdp")
+    assert resumed.metrics["world_size"] == 2
     assert_close(straight.losses, resumed.losses, rel=1e-6)
     assert_same_weights(straight.weights(), resumed.weights(), rel=1e-6)
-
-
-def test_a_two_process_checkpoint_resumes_on_one_process(one_process, tmp_path, caplog):
-    """No dropout, a ViT tower: two processes stopped at step 2, then one process resumed from their checkpoint,
-    train exactly as one process straight through (the data position is the step; the RNG states of two processes
-    do not fit one, which a warning says)."""
-    script = tmp_path / "stop_on_process_0.py"
-    script.write_text(STOP_ON_PROCESS_0)
-    assert "exitcode: 143" in launch(tmp_path / "run", SHAPES, script=str(script), expect_ok=False).stderr
-    with caplog.at_level("WARNING"):
-        resumed = train_here(tmp_path / "run", [*TINY_VIT, *RUN, "train.resume=auto"])
+    with caplog.at_level("INFO"):  # the data position is the step; 2 processes' RNG states do not fit 1: a warning
+        on_one = train_here(tmp_path / "on_one", [*TINY_VIT, *RUN, "train.resume=auto"])
+    assert on_one.metrics["world_size"] == 1 and f"resumed from {tmp_path / 'on_one'}" in caplog.text
     assert "RNG states of 2 process(es), this run has 1" in caplog.text
-    assert resumed.metrics["world_size"] == 1 and resumed.metrics["steps"] == 5
+    assert_close(one_process.losses, on_one.losses)
+    assert_same_weights(one_process.weights(), on_one.weights())
+    sharded, consolidated = (
+        straight.run_dir / "checkpoints" / "step_00000005",
+        straight.run_dir / "checkpoints" / "final",
+    )
+    assert (sharded / "dcp").is_dir()
+    logits = []
+    for checkpoint in (sharded, consolidated):
+        assert export_main([f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'export' / checkpoint.name}"]) == 0
+        loaded = load_pretrained(tmp_path / "export" / checkpoint.name)
+        batch = Collator(loaded.tokenizer.pad_token_id)([loaded.processor(validation_sample(), 0)])
+        with torch.no_grad():
+            logits.append(loaded.model.eval()(batch).logits)
+    assert torch.equal(*logits)
+
+
+def validation_sample() -> dict:
+    """A validation sample of the tiny Shapes config."""
+    return build_dataset(data_config(compose_config()).dataset, "val", 32)[0]
+
+
+def test_a_one_process_sharded_checkpoint_resumes_on_two_fsdp_processes(one_process, tmp_path):
+    """Written by one process without a process group, resumed by FSDP2 on two: as one process straight through."""
+    first = train_here(
+        tmp_path, [*TINY_VIT, *RUN, "train.checkpoint.format=sharded", "train.save_every=2", "train.keep_last=3"]
+    )
+    for later in ["step_00000004", "step_00000005", "final"]:  # so that resume=auto picks step 2
+        shutil.rmtree(first.run_dir / "checkpoints" / later)
+    (first.run_dir / "checkpoints" / "best.json").unlink()
+    assert (tmp_path / "checkpoints" / "step_00000002" / "dcp" / "__0_0.distcp").is_file()
+    resumed = launch(tmp_path, [*SHAPES, "train.resume=auto"], via="fsdp")
+    assert resumed.metrics["world_size"] == 2 and "resumed from" in (tmp_path / "train_rank1.log").read_text()
     assert_close(one_process.losses, resumed.losses)
     assert_same_weights(one_process.weights(), resumed.weights())
 
@@ -317,6 +378,9 @@ def test_lora_two_processes_train_like_one_with_ddp_and_fsdp(tmp_path):
         two = launch(tmp_path / via, [*SHAPES, *args], via=via)
         assert two.metrics["world_size"] == 2
         if via == "fsdp":
-            assert "world_size 2: process 0 (DistributedType.FSDP" in (two.run_dir / "train.log").read_text()
+            assert (
+                "world_size 2: process 0 (local process 0 on its machine; DistributedType.FSDP"
+                in (two.run_dir / "train.log").read_text()
+            )
         assert_close(one.losses, two.losses)
         assert_same_weights(one.weights(), two.weights())

@@ -80,24 +80,27 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(straight, tmp_path)
 
 KILL_DURING_SAVE = """
 import os, signal, sys, runpy
-from safetensors.torch import save_model
 import vlm.checkpoint as checkpoint_module
 
-def dying_save(self, directory, weights):
-    if directory.name.startswith(".tmp-step_00000006"):  # half a checkpoint on disk, then death as under kill -9
-        directory.mkdir(parents=True)
-        save_model(self.accelerator.unwrap_model(self.model), str(directory / "model.safetensors"))
+def dying_save(directory, *args, **kwargs):
+    if directory.name == ".tmp-step_00000006":  # the weights on disk, the rest not: death as under kill -9
         os.kill(os.getpid(), signal.SIGKILL)
-    original(self, directory, weights)
+    original(directory, *args, **kwargs)
 
-original = checkpoint_module.Checkpointer._save_model
-checkpoint_module.Checkpointer._save_model = dying_save
+original = checkpoint_module.save_model_files
+checkpoint_module.save_model_files = dying_save
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(straight, tmp_path):
+@pytest.mark.parametrize("checkpoint_format", ["consolidated", "sharded"])
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(
+    straight, tmp_path, checkpoint_format
+):
+    """Consolidated (model.safetensors) or sharded (each process's part through DCP, here one process without a
+    process group): a kill after the weights, before the rest, leaves step 4 as the checkpoint resume picks, and the
+    resumed run repeats the straight (consolidated) run bitwise."""
     args = [
         "+experiment=shapes",
         *TINY,
@@ -105,6 +108,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_
         "train.eval_every=0",
         "train.log_every=1",
         *RUN,
+        f"train.checkpoint.format={checkpoint_format}",
         f"hydra.run.dir={tmp_path}",
     ]
     done = subprocess.run(
@@ -112,20 +116,19 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     checkpoints = tmp_path / "checkpoints"
-    assert [p.name for p in checkpoints.glob(".tmp-*")] == [f".tmp-step_00000006-{done_pid(checkpoints)}"]
+    (partial,) = checkpoints.glob(".tmp-*")
+    assert partial.name == ".tmp-step_00000006"
+    weights = {"consolidated": "model.safetensors", "sharded": "dcp/.metadata"}[checkpoint_format]
+    assert (partial / weights).is_file() and (checkpoints / "step_00000004" / weights).is_file()
     manager = CheckpointDirectory(checkpoints, keep_last=2, best_metric=None)  # cleans the partial write
     assert not list(checkpoints.glob(".tmp-*"))
     assert manager.latest().name == "step_00000004"
-    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto")
+    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto", f"train.checkpoint.format={checkpoint_format}")
     assert resumed.step == 4
     resumed.fit()
     straight_dir, straight_params = straight
     assert losses(tmp_path) == losses(straight_dir)
     assert_bitwise_equal(params(resumed), straight_params)
-
-
-def done_pid(checkpoints: Path) -> int:
-    return int(next(checkpoints.glob(".tmp-*")).name.rsplit("-", 1)[1])
 
 
 def test_rotation_keeps_the_last_k_and_the_best(tmp_path):

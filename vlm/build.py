@@ -47,6 +47,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         "train.mixed_precision": (t.mixed_precision, ("no", "bf16", "fp16")),
         "train.device": (t.device, ("auto", "cpu", "cuda")),
         "train.simulate_oom_in": (t.simulate_oom_in, ("forward", "backward")),
+        "train.checkpoint.format": (t.checkpoint.format, ("auto", "sharded", "consolidated")),
         "logger.type": (run.logger.type, ("none", "wandb")),
         "logger.mode": (run.logger.mode, ("auto", "online", "offline", "disabled")),
         "model.projector.type": (run.model.projector.type, PROJECTORS),

@@ -19,9 +19,14 @@ The data position is the step: batches are a pure function of (seed, step) (vlm/
 
 Writes go to a hidden directory renamed into place when complete, so a run killed mid-save (kill -9, node loss)
 leaves the previous checkpoint intact and the partial one invisible; leftovers are removed at the next start.
-Under FSDP each process holds shards: saving gathers the full tensors to process 0 (collectives, so every process
-calls `save`), a checkpoint is the same consolidated files as without FSDP, and loading hands each process its
-shard. This module knows nothing of the loop: the trainer hands it its progress and gets it back on resume.
+A sharded checkpoint (`train.checkpoint.format=sharded`, the default under FSDP2) holds, instead of
+model.safetensors and the optimizer part of training_state.pt,
+  dcp/                each process's part of the weights and optimizer state (vlm/sharded_state.py), written in
+                      parallel without gathering; any number of processes resumes from it, and every reader of model
+                      directories takes its weights on one process.
+A consolidated checkpoint under FSDP gathers the full tensors to process 0 (collectives, so every process calls
+`save`), and loading hands each process its shard. `checkpoints/final` is always consolidated: the file people take
+elsewhere. This module knows nothing of the loop: the trainer hands it its progress and gets it back on resume.
 """
 
 import json
@@ -55,6 +60,7 @@ from vlm.data.chat_format import ChatFormat, check_chat_template
 from vlm.data.formats import DataConfig, data_config
 from vlm.data.tokenizer import build_tokenizer
 from vlm.errors import UserError
+from vlm.sharded_state import is_sharded, load_sharded, save_sharded, saved_names
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +128,18 @@ def save_pretrained(
         state = weights if weights is not None else model.state_dict()
         kept = {name: tensor for name, tensor in state.items() if name in adapter_base.stored}
         save_file(_unshared(kept), str(directory / WEIGHTS), metadata={"format": "pt"})
-        (directory / ADAPTER_BASE).write_text(json.dumps({"fingerprint": adapter_base.fingerprint}, indent=2))
     elif weights is None:
         save_model(model, str(directory / WEIGHTS))
     else:
         save_file(_unshared(weights), str(directory / WEIGHTS), metadata={"format": "pt"})
+    save_model_files(directory, model, tokenizer, cfg, adapter_base)
+
+
+def save_model_files(directory: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig,
+                     adapter_base: AdapterBase | None = None) -> None:  # fmt: skip
+    """Everything of a model directory but its weights (a sharded checkpoint's are in dcp/)."""
+    if adapter_base is not None:
+        (directory / ADAPTER_BASE).write_text(json.dumps({"fingerprint": adapter_base.fingerprint}, indent=2))
     tokenizer.save_pretrained(directory / TOKENIZER)
     model.lm.config.save_pretrained(directory / LM_CONFIG)
     OmegaConf.save(cfg, directory / CONFIG, resolve=True)
@@ -152,15 +165,17 @@ class SavedModel:
     adapter_base: AdapterBase | None = None  # a LoRA directory's: its model is rebuilt from the base's own sources
 
     def load_weights(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
-        if self.adapter_base is None:
+        if self.adapter_base is None and not is_sharded(self.directory):
             load_model(model, str(self.directory / WEIGHTS), device=safetensors_device(device))
         else:
-            load_state(model, load_file(str(self.directory / WEIGHTS)), partial=True)
+            load_directory_weights(model, self.directory, partial=self.adapter_base is not None)
         return model.to(device)
 
 
 def stored_names(directory: Path) -> set[str]:
-    """The names of the tensors in a model directory's weights file, read from its header."""
+    """The names of the tensors in a model directory's weights, read from the file's header (or DCP's metadata)."""
+    if is_sharded(directory):
+        return saved_names(directory)
     with safe_open(directory / WEIGHTS, "pt") as weights:
         return set(weights.keys())
 
@@ -169,7 +184,7 @@ def read_model_directory(directory: Path) -> SavedModel:
     """A LoRA directory keeps the config's pretrained sources: its base is rebuilt from them (pretrained weights
     come from the hub cache or the local path they came from)."""
     directory = Path(directory)
-    if not (directory / WEIGHTS).is_file():
+    if not has_weights(directory):
         raise not_a_model_directory(directory)
     if not (directory / TOKENIZER).is_dir():  # the trained tokenizer: no other one gives the same ids
         raise NotACheckpointError(
@@ -195,10 +210,14 @@ def read_model_directory(directory: Path) -> SavedModel:
     return SavedModel(directory, cfg, data, tokenizer, chat_format, adapter_base)
 
 
-def read_full_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """A model directory's weights, which must be complete (`train.init_from`): not a LoRA directory's."""
+def has_weights(directory: Path) -> bool:
+    return (directory / WEIGHTS).is_file() or is_sharded(directory)
+
+
+def check_whole_model(directory: Path) -> None:
+    """`train.init_from` needs a whole model's weights: not a LoRA directory's."""
     directory = Path(directory)
-    if not (directory / WEIGHTS).is_file():
+    if not has_weights(directory):
         raise not_a_model_directory(directory)
     if (directory / ADAPTER_BASE).is_file():
         raise ResumeMismatchError(
@@ -206,13 +225,21 @@ def read_full_weights(directory: Path) -> dict[str, torch.Tensor]:
             f"them first: python -m vlm.export checkpoint={directory} output_dir=OUT merge_lora=true, then "
             "train.init_from=OUT. See TROUBLESHOOTING.md#lora-adapters-on-another-base."
         )
-    return load_file(str(directory / WEIGHTS))
+
+
+def load_directory_weights(model: torch.nn.Module, directory: Path, partial: bool = False) -> None:
+    """A model directory's weights (either kind) into a plain model; `partial`: a LoRA directory's."""
+    if is_sharded(directory):
+        load_sharded(directory, model, partial=partial)
+    else:
+        load_state(model, load_file(str(directory / WEIGHTS)), partial)
 
 
 def load_initial_weights(model: torch.nn.Module, directory: Path) -> None:
     """`train.init_from`: a whole model's weights into a plain model (before adapters, compile and sharding)."""
+    check_whole_model(directory)
     try:
-        load_state(model, read_full_weights(Path(directory)))
+        load_directory_weights(model, Path(directory))
     except RuntimeError as err:
         raise weights_mismatch(directory, err) from err
 
@@ -325,11 +352,19 @@ class CheckpointDirectory:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """Write via `write(tmp_dir)` (which must write TRAINER_STATE last), then rename into place."""
+    def staging(self, step: int) -> Path:
+        """Where `step`'s checkpoint is written before it is renamed into place; the writer clears it (a killed run's
+        leftovers). Every process gets the same path: a sharded checkpoint is written there by all of them."""
+        tmp = self.path / f".tmp-step_{step:08d}"
+        if self.writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return tmp
+
+    def save(self, step: int, write: Callable[[Path], None], staged: Path | None = None) -> Path:
+        """Write via `write(tmp_dir)` (which must write TRAINER_STATE last), then rename into place. `staged`: the
+        `staging` directory, already holding what the other processes wrote."""
         final = self.path / f"step_{step:08d}"
-        tmp = self.path / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = staged or self.staging(step)
         write(tmp)
         if final.exists():  # re-saving a step (e.g. a stop signal right after a periodic save)
             shutil.rmtree(final)
@@ -435,11 +470,14 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, accelerator: Accelerator, model, optimizer, scheduler,
                  tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, global_batch_size: int,
-                 keep_last: int, best_metric: str | None, adapter_base: AdapterBase | None = None):  # fmt: skip
-        """`adapter_base`: a LoRA run's; its checkpoints store only what trains (and the buffers)."""
+                 keep_last: int, best_metric: str | None, adapter_base: AdapterBase | None = None,
+                 checkpoint_format: str = "auto"):  # fmt: skip
+        """`adapter_base`: a LoRA run's; its checkpoints store only what trains (and the buffers). `checkpoint_format`:
+        sharded | consolidated | auto (sharded under FSDP2)."""
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.tokenizer, self.cfg, self.global_batch_size = tokenizer, cfg, global_batch_size
         self.adapter_base = adapter_base
+        self.sharded = checkpoint_format == "sharded" or (checkpoint_format == "auto" and accelerator.is_fsdp2)
         self.state = ShardedState(accelerator, model, optimizer)
         writer = accelerator.is_main_process
         self.directory = CheckpointDirectory(Path(run_dir) / "checkpoints", keep_last, best_metric, writer)
@@ -448,10 +486,21 @@ class Checkpointer:
         """A resumable checkpoint of `step`; its path on process 0, None on the others."""
         self.accelerator.wait_for_everyone()
         rng = gather_object([rng_states()])  # every process's, by rank
-        weights, optimizer = self.state.gather_weights(), self.state.optimizer_state()  # FSDP: gathered to process 0
+        staged, weights, optimizer = None, None, None
+        if self.sharded:  # every process writes its part; nothing is gathered
+            staged = self.directory.staging(step)
+            self.accelerator.wait_for_everyone()
+            stored = self.adapter_base.stored if self.adapter_base else None
+            save_sharded(staged, self.model, self.optimizer.optimizer, stored)
+        else:
+            weights, optimizer = self.state.gather_weights(), self.state.optimizer_state()  # FSDP: gathered
 
         def write(directory: Path) -> None:
-            self._save_model(directory, weights)
+            if self.sharded:
+                save_model_files(directory, self.accelerator.unwrap_model(self.model), self.tokenizer, self.cfg,
+                                 self.adapter_base)  # fmt: skip
+            else:
+                self._save_model(directory, weights)
             scaler = self.accelerator.scaler
             training_state = {
                 "optimizer": optimizer,
@@ -463,7 +512,7 @@ class Checkpointer:
             trainer_state = {"global_batch_size": self.global_batch_size, **progress}
             (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))  # last: marks completion
 
-        path = self.directory.save(step, write) if self.accelerator.is_main_process else None
+        path = self.directory.save(step, write, staged) if self.accelerator.is_main_process else None
         self.accelerator.wait_for_everyone()
         return path
 
@@ -494,9 +543,15 @@ class Checkpointer:
         the trainer handed to `save`."""
         progress = json.loads((directory / TRAINER_STATE).read_text())
         self._check_compatible(directory, progress)
-        self._load_weights(directory)
         state = torch.load(directory / TRAINING_STATE, weights_only=True)
-        self.state.load_optimizer_state(state["optimizer"])
+        if is_sharded(directory):  # any number of processes wrote it: DCP hands each its part
+            try:
+                load_sharded(directory, self.model, self.optimizer.optimizer, partial=self.adapter_base is not None)
+            except RuntimeError as err:
+                raise weights_mismatch(directory, err) from err
+        else:
+            self._load_weights(directory)
+            self.state.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])

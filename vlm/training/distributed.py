@@ -82,8 +82,9 @@ def check_launch(accelerator: Accelerator) -> None:
 
 def describe(accelerator: Accelerator) -> str:
     backend = accelerator.state.backend or "none"
-    return (f"world_size {accelerator.num_processes}: process {accelerator.process_index} ({accelerator.distributed_type}, "
-            f"backend {backend}, device {accelerator.device})")  # fmt: skip
+    return (f"world_size {accelerator.num_processes}: process {accelerator.process_index} (local process "
+            f"{accelerator.local_process_index} on its machine; {accelerator.distributed_type}, backend {backend}, "
+            f"device {accelerator.device})")  # fmt: skip
 
 
 def log_to_own_file(run_dir: Path, rank: int) -> None:

@@ -41,6 +41,13 @@ class BenchmarkConfig:
 
 
 @dataclass
+class CheckpointSettings:
+    # sharded: each process writes its part of weights and optimizer state (torch.distributed.checkpoint), no gather;
+    # consolidated: one model.safetensors and optimizer state, gathered to process 0; auto: sharded under FSDP2
+    format: str = "auto"
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -80,6 +87,7 @@ class TrainConfig:
     max_new_tokens: int = 8
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end and on a stop signal
     keep_last: int = 2
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     best_metric: str | None = "val_accuracy"  # keep the best checkpoint by this metric (val_* or bench/*); null: off
     benchmarks: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # lmms-eval scores (vlm/harness/)
     init_from: str | None = None  # checkpoint whose weights start this run (e.g. finetune after align)

@@ -79,7 +79,7 @@ class Trainer:
         self.model, self.optimizer = prepare(accelerator, model, optimizer)
         self.checkpointer = Checkpointer(
             self.run_dir, accelerator, self.model, self.optimizer, self.scheduler, parts.tokenizer, cfg,
-            tc.global_batch_size, tc.keep_last, tc.best_metric, self.adapter_base,
+            tc.global_batch_size, tc.keep_last, tc.best_metric, self.adapter_base, tc.checkpoint.format,
         )  # fmt: skip
         self.share = per_process_share(tc.global_batch_size, self.world_size)
         self.agreement = Agreement(self.world_size)
@@ -98,9 +98,13 @@ class Trainer:
         self.stream_position: StreamPosition | None = None  # streaming: where the next step's records start
         self.step, self.bad_steps = 0, NonFiniteSteps(tc.max_bad_steps)
         self.data_skips = SkipTally(parts.data.on_error, parts.data.max_skip_fraction, parts.data.skip_check_after)
+        self.saves: list[dict] = []  # this process's checkpoint saves: step, seconds, peak memory after (metrics.json)
+        self.resume_s = None
         resume_from = self.checkpointer.directory.resume_path(tc.resume)
         if resume_from is not None:
+            started = time.perf_counter()
             self._restore(self.checkpointer.restore(resume_from))
+            self.resume_s = time.perf_counter() - started
         self.train_log = JsonlLog(self.run_dir / "train_log.jsonl")
         self.tracker = build_tracker(
             run.logger if self.is_main else None, self.run_dir, OmegaConf.to_container(cfg, resolve=True)
@@ -306,7 +310,13 @@ class Trainer:
     # ----- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> Path | None:
-        return self.checkpointer.save(self.step, self._progress())
+        started = time.perf_counter()
+        path = self.checkpointer.save(self.step, self._progress())
+        peak = peak_memory_bytes(self.accelerator.device)  # a save that gathers whole tensors shows here
+        self.peak_memory = max(self.peak_memory, peak)
+        self.saves.append({"step": self.step, "seconds": time.perf_counter() - started, "sharded": self.checkpointer.sharded,
+                           "peak_memory_bytes": peak})  # fmt: skip
+        return path
 
     def _progress(self) -> dict:
         """What a checkpoint keeps of the loop (its trainer_state.json): the step is also the data position."""
@@ -356,6 +366,8 @@ class Trainer:
             "rng_seed": torch.initial_seed(),  # dropout and sampling: train.seed + rank
             "first_step_samples": self.first_step_samples,
             "peak_memory_bytes": self.peak_memory,
+            "checkpoint_saves": self.saves,
+            "resume_s": self.resume_s,
         }
         processes = gather_object([process])
         if self.world_size > 1:  # each process saw its own share of the bad samples
