@@ -1,6 +1,6 @@
-"""Our model as an lmms-eval model named `vlm`: `lmms-eval --model vlm --model_args pretrained=DIR` (registered
-through the `lmms_eval.models` entry point in pyproject.toml: `vlm.harness.lmms_eval_models`), `python -m vlm.benchmark`, and training's benchmark
-runs, which serve the live model the same way.
+"""Our model as an lmms-eval model named `vlm`: `lmms-eval --model vlm --model_args pretrained=DIR` (registered by
+the `lmms_eval.models` entry point in pyproject.toml: `vlm.harness.lmms_eval_models`), `python -m vlm.benchmark`,
+and training's benchmark runs, which serve the live model the same way.
 
 A request becomes the raw sample of the dataset contract (vlm/data/formats.py): the task's images, in the order the
 task gives them, before its question, as `python -m vlm.generate` puts them (`question_sample`). So a benchmark
