@@ -6,6 +6,8 @@ Needs the bench extra (lmms-eval), so it runs in `make test-bench` (.venv-bench)
 Run: make test-bench
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -37,12 +39,14 @@ NEW_TOKENS = 6
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def generated(checkpoint: Path, row: dict, capsys, *settings: str) -> str:
+def generated(checkpoint: Path, row: dict, *settings: str) -> str:
     """`python -m vlm.generate`'s answer to one question (its printed line)."""
     images = "images=[" + ",".join(row["images"]) + "]"
     argv = [f"checkpoint={checkpoint}", images, f"prompt={json.dumps(row['question'])}", f"max_new_tokens={NEW_TOKENS}"]
-    assert generate_main([*argv, *settings]) == 0
-    return capsys.readouterr().out.removesuffix("\n")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # not capsys: module fixtures call this too
+        assert generate_main([*argv, *settings]) == 0
+    return printed.getvalue().removesuffix("\n")
 
 
 def samples_of(out: Path, task: str) -> list[dict]:
@@ -86,7 +90,7 @@ def benchmarked(trained, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
     checkpoint, root = run / "checkpoints" / "final", tmp_path_factory.mktemp("benchmarked")
     rows = [dict(r) for r in rows]
     for row in rows[:4]:
-        row["answer"] = _generate_quietly(checkpoint, row, f"stop_strings=[{STOP}]")
+        row["answer"] = generated(checkpoint, row, f"stop_strings=[{STOP}]")
     tasks = write_tasks(root / "tasks", rows, [STOP], NEW_TOKENS)
     out = root / "out"
     argv = [f"checkpoint={checkpoint}", f"tasks={VQA},{CHOICE}", f"output_dir={out}", f"include_path={tasks}",
@@ -95,30 +99,17 @@ def benchmarked(trained, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
     return checkpoint, out, rows
 
 
-def _generate_quietly(checkpoint: Path, row: dict, *settings: str) -> str:
-    """`generated` for a module fixture (capsys is per test): stdout redirected to a buffer."""
-    import contextlib
-    import io
-
-    buffer = io.StringIO()
-    images = "images=[" + ",".join(row["images"]) + "]"
-    argv = [f"checkpoint={checkpoint}", images, f"prompt={json.dumps(row['question'])}", f"max_new_tokens={NEW_TOKENS}"]
-    with contextlib.redirect_stdout(buffer):
-        assert generate_main([*argv, *settings]) == 0
-    return buffer.getvalue().removesuffix("\n")
-
-
-def test_answers_equal_vlm_generate_token_for_token(benchmarked, capsys):
+def test_answers_equal_vlm_generate_token_for_token(benchmarked):
     """Batched with left padding (batch 4, prompts of different lengths: one image, two images, none) against
     `python -m vlm.generate` one question at a time: the same answers, with the task's stop string applied."""
     checkpoint, out, rows = benchmarked
     samples = samples_of(out, VQA)
     assert len(samples) == len(rows)
-    uncut = [generated(checkpoint, row, capsys) for row in rows]
+    uncut = [generated(checkpoint, row) for row in rows]
     assert any(STOP in answer for answer in uncut)  # the stop string matters: ignoring it would change answers
     assert len(set(uncut)) > 3  # different answers per question: a reordered or misplaced prompt shows
     for sample, row in zip(samples, rows):
-        assert answer(sample) == generated(checkpoint, row, capsys, f"stop_strings=[{STOP}]"), row
+        assert answer(sample) == generated(checkpoint, row, f"stop_strings=[{STOP}]"), row
 
 
 def test_images_reach_the_model_in_the_task_order(benchmarked):
