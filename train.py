@@ -25,7 +25,7 @@ from vlm.errors import reported_as_message
 from vlm.harness import require_lmms_eval
 from vlm.training.benchmark_hook import BenchmarkRun
 from vlm.training.device import configure_cpu_allocator, configure_cuda_allocator
-from vlm.training.distributed import build_accelerator, describe, log_to_own_file
+from vlm.training.distributed import build_accelerator, builds_empty_model, describe, log_to_own_file
 from vlm.training.parts import RunConfig
 from vlm.training.trainer import Trainer
 
@@ -42,7 +42,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, trainer_class: type[Trainer] =
     log.info("%s", describe(accelerator))
     benchmarks = build_benchmarks(cfg, run, accelerator)  # an unknown task fails here, before the model is built
     set_seed(run.train.seed)  # the same on every process: identical initial weights
-    parts = build_components(run)
+    empty = builds_empty_model(accelerator)
+    if empty:
+        log.info("the model is built empty here: process 0 sends each tensor as FSDP shards it")
+    parts = build_components(run, empty)
     if accelerator.num_processes > 1:
         set_seed(run.train.seed + accelerator.process_index)  # from here on (dropout) each process draws its own
     return trainer_class(cfg, run, parts, accelerator, run_dir, started, benchmarks)

@@ -1,5 +1,6 @@
-"""1 process vs 2 (DDP) vs 2 (FSDP2) on the same global batch: tokens/s and each process's peak memory; then FSDP2
-checkpoints, sharded vs consolidated: save time, each process's peak memory after a save, and resume time.
+"""1 process vs 2 (DDP) vs 2 (FSDP2) on the same global batch: tokens/s and each process's peak memory; FSDP2's
+start-up, process 0 building the model alone vs every process building it; then FSDP2 checkpoints, consolidated vs
+sharded vs sharded in the background: save time, each process's peak memory after a save, and resume time.
 
     python bench/processes.py [--large-scale] [train.py overrides ...]
 
@@ -47,12 +48,28 @@ def run(name: str, launcher: list[str], overrides: list[str]) -> dict:
             "peak_memory_gib_per_process": peaks, "final_train_loss": metrics["final_train_loss"]}  # fmt: skip
 
 
-def checkpoints(checkpoint_format: str, overrides: list[str]) -> dict:
-    """FSDP2 with `train.checkpoint.format`: saves every 2 steps, then a resumed run of 2 more steps."""
-    name, launcher = f"2 processes, FSDP2, {checkpoint_format} checkpoints", LAUNCHERS["2 processes, FSDP2"]
+def start_up(loading: str, overrides: list[str]) -> dict:
+    """FSDP2 with accelerate's `fsdp_cpu_ram_efficient_loading` true (process 0 builds, the others receive their
+    shards) or false (every process builds the whole model, then keeps its shard): each process's peak memory once
+    the model is built and sharded, and over the whole run; a whole fp32 copy of the weights for scale."""
+    name = f"2 processes, FSDP2, cpu_ram_efficient_loading {loading}"
+    launcher = [*LAUNCHERS["2 processes, FSDP2"], "--fsdp_cpu_ram_efficient_loading", loading]
+    _, metrics = train(name, launcher, overrides)
+    return {"run": name, "whole_model_fp32_gib": gib(4 * (metrics["trainable_parameters"] + metrics["frozen_parameters"])),
+            "start_up_peak_memory_gib_per_process": [gib(p["start_up_peak_memory_bytes"]) for p in metrics["processes"]],
+            "peak_memory_gib_per_process": [gib(p["peak_memory_bytes"]) for p in metrics["processes"]],
+            "final_train_loss": metrics["final_train_loss"]}  # fmt: skip
+
+
+def checkpoints(checkpoint_format: str, in_background: bool, overrides: list[str]) -> dict:
+    """FSDP2 with `train.checkpoint.format` (and `async_save`): saves every 2 steps, then a resumed run of 2 more
+    steps. The save time is what the step waited for."""
+    background = ", in the background" if in_background else ""
+    name, launcher = f"2 processes, FSDP2, {checkpoint_format} checkpoints{background}", LAUNCHERS["2 processes, FSDP2"]
     saving = [
         *overrides,
         f"train.checkpoint.format={checkpoint_format}",
+        f"train.checkpoint.async_save={in_background}",
         "train.save_every=2",
         "train.best_metric=null",
     ]
@@ -72,8 +89,10 @@ def main(argv: list[str]) -> None:
                  *[a for a in argv if a != "--large-scale"]]  # fmt: skip
     for name, launcher in LAUNCHERS.items():
         print(json.dumps(run(name, launcher, overrides)), flush=True)
-    for checkpoint_format in ("consolidated", "sharded"):
-        print(json.dumps(checkpoints(checkpoint_format, overrides)), flush=True)
+    for loading in ("true", "false"):
+        print(json.dumps(start_up(loading, overrides)), flush=True)
+    for checkpoint_format, in_background in (("consolidated", False), ("sharded", False), ("sharded", True)):
+        print(json.dumps(checkpoints(checkpoint_format, in_background, overrides)), flush=True)
 
 
 if __name__ == "__main__":

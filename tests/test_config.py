@@ -123,7 +123,7 @@ GROUPED_STREAM = ["data.batching=grouped", "data.dataset.streaming=true"]
     [(["+logger.projct=vlm"], "shapes", r"'logger'.*projct"), (GROUPED_STREAM, "llava_tiny", "data.batching=grouped")],
 )
 def test_the_whole_config_is_checked_before_anything_is_built(tmp_path, monkeypatch, overrides, experiment, message):
-    def build_components(run):
+    def build_components(*_):
         raise AssertionError("built before the config was checked")
 
     monkeypatch.setattr("train.build_components", build_components)

@@ -265,30 +265,58 @@ def test_resumed_two_process_run_repeats_the_uninterrupted_one(tmp_path):
     assert_same_weights(straight.weights(), resumed.weights(), rel=0)
 
 
+KILL_9_WRITING_STEP_4 = """
+import os, runpy, signal, sys
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+def finish(self, *args, **kwargs):  # process 0, in the saving thread: every shard on disk, the metadata not yet
+    if ".tmp-step_00000004" in str(self.path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+
+original = FileSystemWriter.finish
+FileSystemWriter.finish = finish
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path, caplog):
     """FSDP2 through accelerate's plugin (configs/accelerate/fsdp.yaml): same per-step losses as one process;
     checkpoints/final is one consolidated file that loads on one process. Step checkpoints are sharded (each process
-    wrote its part): a stopped run resumes exactly on 2 processes, and on 1 as one process straight through; the
-    sharded step exports to the consolidated final's logits, bitwise."""
+    wrote its part), here in the background: a run killed while step 4's shards were written resumes from step 2,
+    exactly, on 2 processes, and on 1 as one process straight through; the sharded step exports to the consolidated
+    final's logits, bitwise."""
     straight = launch(tmp_path / "straight", SHAPES, via="fsdp")
     assert (
         "world_size 2: process 0 (local process 0 on its machine; DistributedType.FSDP"
         in (straight.run_dir / "train.log").read_text()
     )
     assert straight.metrics["world_size"] == 2
+    assert_built_empty_by_process_1(straight)  # equal to one process: process 0's initial weights, sharded
     assert_close(one_process.losses, straight.losses)
     assert_same_weights(one_process.weights(), straight.weights())
     assert straight.metrics["val_loss"] == pytest.approx(one_process.metrics["val_loss"], rel=1e-5)
-    script = tmp_path / "stop_on_process_0.py"
-    script.write_text(STOP_ON_PROCESS_0)
-    assert (
-        "exitcode: 143" in launch(tmp_path / "resumed", SHAPES, via="fsdp", script=str(script), expect_ok=False).stderr
-    )
-    step = tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    # Shards written by a thread while training goes on (step 2's beside steps 3 and 4), until a kill -9.
+    in_background = [*SHAPES, "train.checkpoint.async_save=true", "train.save_every=2"]
+    script = tmp_path / "kill_9_writing_step_4.py"
+    script.write_text(KILL_9_WRITING_STEP_4)
+    killed = launch(tmp_path / "resumed", in_background, via="fsdp", script=str(script), expect_ok=False)
+    assert "exitcode: -9" in killed.stderr, killed.stderr[-3000:]
+    half = tmp_path / "resumed" / "checkpoints" / ".tmp-step_00000004" / "dcp"  # both shards, no metadata
+    assert sorted(p.name for p in half.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (half / ".metadata").exists()
+    step = tmp_path / "resumed" / "checkpoints" / "step_00000002"  # put in place when step 4's save began
     assert sorted(p.name for p in (step / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not (step / "model.safetensors").exists() and torch.load(step / "training_state.pt")["optimizer"] is None
     shutil.copytree(tmp_path / "resumed", tmp_path / "on_one")
-    resumed = launch(tmp_path / "resumed", [*SHAPES, "train.resume=auto"], via="fsdp")
+    resumed = launch(tmp_path / "resumed", [*in_background, "train.resume=auto"], via="fsdp")
+    assert [(s["step"], s["async_save"]) for s in resumed.metrics["processes"][1]["checkpoint_saves"]] == [
+        (4, True),
+        (5, True),
+    ]
+    for done in ("step_00000004", "step_00000005"):  # the last one put in place as the run ended
+        assert (tmp_path / "resumed" / "checkpoints" / done / "dcp" / ".metadata").is_file()
     assert resumed.metrics["world_size"] == 2
     assert_close(straight.losses, resumed.losses, rel=1e-6)
     assert_same_weights(straight.weights(), resumed.weights(), rel=1e-6)
@@ -311,6 +339,29 @@ def test_fsdp_trains_like_one_process_and_resumes_sharded(one_process, tmp_path,
         with torch.no_grad():
             logits.append(loaded.model.eval()(batch).logits)
     assert torch.equal(*logits)
+
+
+def test_fsdp_keeps_tied_embeddings_tied(tmp_path):
+    """An LM whose output layer is its input embeddings (SmolLM2, Qwen2.5-0.5B): process 1 builds it empty and
+    receives process 0's weights, and the two stay one tensor through training, as on one process."""
+    args = [*RUN, "model.lm.config.tie_word_embeddings=true", "train.max_steps=3"]
+    one = train_here(tmp_path / "one", [*TINY_VIT, *args])
+    two = launch(tmp_path / "two", [*SHAPES, *args], via="fsdp")
+    assert two.metrics["world_size"] == 2
+    assert_built_empty_by_process_1(two)
+    assert_close(one.losses, two.losses)
+    weights = two.weights()  # gathered whole: both names, one value
+    assert torch.equal(weights.pop("lm.model.embed_tokens.weight"), weights["lm.lm_head.weight"])
+    assert_same_weights(one.weights(), weights)
+
+
+def assert_built_empty_by_process_1(run: Run) -> None:
+    """Process 1 built no weights of its own (configs/accelerate/fsdp.yaml: fsdp_cpu_ram_efficient_loading)."""
+    assert EMPTY_BUILD in (run.run_dir / "train_rank1.log").read_text()
+    assert EMPTY_BUILD not in (run.run_dir / "train.log").read_text()
+
+
+EMPTY_BUILD = "the model is built empty here"
 
 
 def validation_sample() -> dict:
@@ -382,5 +433,10 @@ def test_lora_two_processes_train_like_one_with_ddp_and_fsdp(tmp_path):
                 "world_size 2: process 0 (local process 0 on its machine; DistributedType.FSDP"
                 in (two.run_dir / "train.log").read_text()
             )
+            assert_built_empty_by_process_1(two)
         assert_close(one.losses, two.losses)
         assert_same_weights(one.weights(), two.weights())
+    # Every process checks the base's fingerprint on resume: process 0's, though process 1 built no base weights.
+    step_5 = tmp_path / "fsdp" / "checkpoints" / "step_00000005"
+    resumed = launch(tmp_path / "fsdp", [*SHAPES, *args, f"train.resume={step_5}", "train.max_steps=6"], via="fsdp")
+    assert resumed.metrics["world_size"] == 2 and "resumed from" in (tmp_path / "fsdp" / "train_rank1.log").read_text()

@@ -4,6 +4,7 @@ Run: pytest tests/test_resume.py
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from tests.conftest import TINY, TINY_VIT, compose_config, make_trainer, new_trainer
 from vlm.checkpoint import TRAINER_STATE, TRAINING_STATE, CheckpointDirectory, ResumeMismatchError
+from vlm.config import ConfigError
 from vlm.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,27 +82,35 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(straight, tmp_path)
 
 KILL_DURING_SAVE = """
 import os, signal, sys, runpy
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 import vlm.checkpoint as checkpoint_module
 
-def dying_save(directory, *args, **kwargs):
-    if directory.name == ".tmp-step_00000006":  # the weights on disk, the rest not: death as under kill -9
-        os.kill(os.getpid(), signal.SIGKILL)
-    original(directory, *args, **kwargs)
+def dying(original, directory):  # death as under kill -9, in the middle of step 6's save
+    def write(path, *args, **kwargs):
+        if ".tmp-step_00000006" in str(path if directory else path.path):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(path, *args, **kwargs)
+    return write
 
-original = checkpoint_module.save_model_files
-checkpoint_module.save_model_files = dying_save
+if os.environ["KILL_IN"] == "model files":  # the weights on disk, the rest not
+    checkpoint_module.save_model_files = dying(checkpoint_module.save_model_files, directory=True)
+else:  # the background thread: each process's shards on disk, not the metadata that makes them a checkpoint
+    FileSystemWriter.finish = dying(FileSystemWriter.finish, directory=False)
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("checkpoint_format", ["consolidated", "sharded"])
+@pytest.mark.parametrize("checkpoint_format", ["consolidated", "sharded", "sharded_async"])
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(
     straight, tmp_path, checkpoint_format
 ):
     """Consolidated (model.safetensors) or sharded (each process's part through DCP, here one process without a
     process group): a kill after the weights, before the rest, leaves step 4 as the checkpoint resume picks, and the
-    resumed run repeats the straight (consolidated) run bitwise."""
+    resumed run repeats the straight (consolidated) run bitwise. Sharded in the background (async_save): the kill
+    comes while a thread writes the shards of step 6; step 4 was put in place when step 6's save began."""
+    checkpoint_format, _, asynchronous = checkpoint_format.partition("_")
+    saving = [f"train.checkpoint.format={checkpoint_format}", f"train.checkpoint.async_save={bool(asynchronous)}"]
     args = [
         "+experiment=shapes",
         *TINY,
@@ -108,22 +118,27 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_
         "train.eval_every=0",
         "train.log_every=1",
         *RUN,
-        f"train.checkpoint.format={checkpoint_format}",
+        *saving,
         f"hydra.run.dir={tmp_path}",
     ]
+    env = {**os.environ, "KILL_IN": "shard writer" if asynchronous else "model files"}
     done = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     checkpoints = tmp_path / "checkpoints"
     (partial,) = checkpoints.glob(".tmp-*")
     assert partial.name == ".tmp-step_00000006"
     weights = {"consolidated": "model.safetensors", "sharded": "dcp/.metadata"}[checkpoint_format]
-    assert (partial / weights).is_file() and (checkpoints / "step_00000004" / weights).is_file()
+    assert (checkpoints / "step_00000004" / weights).is_file()
+    if asynchronous:  # the shards written, not the metadata: a half-written checkpoint
+        assert (partial / "dcp" / "__0_0.distcp").is_file() and not (partial / weights).exists()
+    else:
+        assert (partial / weights).is_file()
     manager = CheckpointDirectory(checkpoints, keep_last=2, best_metric=None)  # cleans the partial write
     assert not list(checkpoints.glob(".tmp-*"))
     assert manager.latest().name == "step_00000004"
-    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto", f"train.checkpoint.format={checkpoint_format}")
+    resumed = make_trainer(tmp_path, *RUN, "train.resume=auto", *saving)
     assert resumed.step == 4
     resumed.fit()
     straight_dir, straight_params = straight
@@ -164,3 +179,20 @@ def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
     assert summary["stopped_by"] == "SIGINT" and summary["steps"] == 3
     assert (tmp_path / "checkpoints" / "step_00000003" / TRAINER_STATE).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+
+
+def test_background_saves_of_consolidated_checkpoints_are_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="train.checkpoint.format=sharded"):
+        make_trainer(tmp_path, *RUN, "train.checkpoint.async_save=true")  # one process: consolidated by default
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_a_stop_signal_puts_a_background_save_in_place_before_the_run_ends(tmp_path):
+    background = ["train.checkpoint.format=sharded", "train.checkpoint.async_save=true"]
+    cfg = compose_config(*TINY_VIT, "train.eval_every=0", *RUN, *background)
+    summary = new_trainer(cfg, tmp_path, StopAfter).fit()
+    assert summary["stopped_by"] == "SIGTERM" and summary["checkpoint"] == str(
+        tmp_path / "checkpoints" / "step_00000003"
+    )
+    assert (tmp_path / "checkpoints" / "step_00000003" / "dcp" / ".metadata").is_file()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -78,7 +78,9 @@ def check_best_metric(t: TrainConfig) -> None:
     raise ConfigError(f"train.best_metric={best!r} is not one of: None, {', '.join(HIGHER_IS_BETTER)}{scores}")
 
 
-def build_components(run: RunConfig) -> Components:
+def build_components(run: RunConfig, empty_model: bool = False) -> Components:
+    """`empty_model`: the model's structure only, on an FSDP process that receives process 0's weights (weights,
+    `train.init_from` and LoRA adapters alike) while they are sharded (vlm/training/distributed.py)."""
     data = run.data
     image_size = run.model.vision.image_size
     train_set = build_dataset(data.dataset, "train", image_size)
@@ -86,8 +88,8 @@ def build_components(run: RunConfig) -> Components:
     tokenizer = build_tokenizer(data.tokenizer, tokenizer_corpus(train_set, data), data.chat.special_tokens)
     chat_format = ChatFormat(data.chat, tokenizer)
     check_chat_template(chat_format)
-    model = VisionLanguageModel(run.model, TokenIds.of(tokenizer, chat_format, data.tokenizer.image_token))
-    if run.train.init_from:  # the previous stage's result, before LoRA adapters go on it
+    model = VisionLanguageModel(run.model, TokenIds.of(tokenizer, chat_format, data.tokenizer.image_token), empty_model)
+    if run.train.init_from and not empty_model:  # the previous stage's result, before LoRA adapters go on it
         load_initial_weights(model, Path(run.train.init_from))
     if run.train.lora.enabled:
         add_adapters(model, run.train.lora)

@@ -36,11 +36,14 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
@@ -56,11 +59,12 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from vlm.compat import safetensors_device
+from vlm.config import ConfigError
 from vlm.data.chat_format import ChatFormat, check_chat_template
 from vlm.data.formats import DataConfig, data_config
 from vlm.data.tokenizer import build_tokenizer
 from vlm.errors import UserError
-from vlm.sharded_state import is_sharded, load_sharded, save_sharded, saved_names
+from vlm.sharded_state import is_sharded, load_sharded, save_sharded, saved_names, start_saving_sharded
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +468,21 @@ class ShardedState:
 # ----- what the trainer uses ---------------------------------------------------------------------
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint whose shards are being written in the background; the rest of it is already in `staged`."""
+
+    step: int
+    staged: Path
+    writing: Future
+    trainer_state: dict
+
+
+def mark_complete(directory: Path, state: dict) -> None:
+    """trainer_state.json, written last: its presence marks a complete checkpoint."""
+    (directory / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+
+
 class Checkpointer:
     """Saves and restores everything a run needs to continue. The trainer hands over its own progress (a dict of
     JSON values) and gets it back on resume. Every process calls every method; only process 0 writes."""
@@ -471,48 +490,89 @@ class Checkpointer:
     def __init__(self, run_dir: Path, accelerator: Accelerator, model, optimizer, scheduler,
                  tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, global_batch_size: int,
                  keep_last: int, best_metric: str | None, adapter_base: AdapterBase | None = None,
-                 checkpoint_format: str = "auto"):  # fmt: skip
+                 checkpoint_format: str = "auto", async_save: bool = False):  # fmt: skip
         """`adapter_base`: a LoRA run's; its checkpoints store only what trains (and the buffers). `checkpoint_format`:
-        sharded | consolidated | auto (sharded under FSDP2)."""
+        sharded | consolidated | auto (sharded under FSDP2). `async_save`: sharded shards written in the background
+        while training goes on; the checkpoint becomes visible once every process's part is on disk."""
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.tokenizer, self.cfg, self.global_batch_size = tokenizer, cfg, global_batch_size
         self.adapter_base = adapter_base
         self.sharded = checkpoint_format == "sharded" or (checkpoint_format == "auto" and accelerator.is_fsdp2)
+        if async_save and not self.sharded:
+            raise ConfigError(
+                "train.checkpoint.async_save=true writes sharded checkpoints in the background, and this run's are "
+                f"consolidated (train.checkpoint.format={checkpoint_format}, "
+                f"{'FSDP2' if accelerator.is_fsdp2 else 'no FSDP'}): set train.checkpoint.format=sharded. "
+                "See TROUBLESHOOTING.md#sharded-checkpoints."
+            )
+        # A collective when processes run: every one makes the group at the same point.
+        self.async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.async_save, self.pending = async_save, None
         self.state = ShardedState(accelerator, model, optimizer)
         writer = accelerator.is_main_process
         self.directory = CheckpointDirectory(Path(run_dir) / "checkpoints", keep_last, best_metric, writer)
 
     def save(self, step: int, progress: dict) -> Path | None:
-        """A resumable checkpoint of `step`; its path on process 0, None on the others."""
+        """A resumable checkpoint of `step`; its path on process 0, None on the others and while it is written in
+        the background (`finish_saving` puts it in place; the next save or the end of the run calls it)."""
+        self.finish_saving()
         self.accelerator.wait_for_everyone()
         rng = gather_object([rng_states()])  # every process's, by rank
-        staged, weights, optimizer = None, None, None
+        staged, weights, optimizer, writing = None, None, None, None
         if self.sharded:  # every process writes its part; nothing is gathered
             staged = self.directory.staging(step)
             self.accelerator.wait_for_everyone()
             stored = self.adapter_base.stored if self.adapter_base else None
-            save_sharded(staged, self.model, self.optimizer.optimizer, stored)
+            if self.async_save:
+                writing = start_saving_sharded(staged, self.model, self.optimizer.optimizer, stored, self.async_group)
+            else:
+                save_sharded(staged, self.model, self.optimizer.optimizer, stored)
         else:
             weights, optimizer = self.state.gather_weights(), self.state.optimizer_state()  # FSDP: gathered
+        scaler = self.accelerator.scaler
+        training_state = {
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,
+        }
+        trainer_state = {"global_batch_size": self.global_batch_size, **progress}
 
-        def write(directory: Path) -> None:
+        def write_parts(directory: Path) -> None:
             if self.sharded:
                 save_model_files(directory, self.accelerator.unwrap_model(self.model), self.tokenizer, self.cfg,
                                  self.adapter_base)  # fmt: skip
             else:
                 self._save_model(directory, weights)
-            scaler = self.accelerator.scaler
-            training_state = {
-                "optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng,
-            }
             torch.save(training_state, directory / TRAINING_STATE)
-            trainer_state = {"global_batch_size": self.global_batch_size, **progress}
-            (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))  # last: marks completion
+
+        if writing is not None:
+            if self.accelerator.is_main_process:
+                write_parts(staged)
+            self.pending = PendingSave(step, staged, writing, trainer_state)
+            return None
+
+        def write(directory: Path) -> None:
+            write_parts(directory)
+            mark_complete(directory, trainer_state)
 
         path = self.directory.save(step, write, staged) if self.accelerator.is_main_process else None
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def finish_saving(self) -> Path | None:
+        """The save running in the background, if any, waited for on every process and then put in place; its path
+        on process 0. A run that dies first leaves it hidden: resume takes the checkpoint before it."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        pending.writing.result()  # this process's shards are on disk (or the error of writing them)
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            path = self.directory.save(
+                pending.step, partial(mark_complete, state=pending.trainer_state), pending.staged
+            )
         self.accelerator.wait_for_everyone()
         return path
 

@@ -9,6 +9,7 @@ process group (`python -m vlm.export`, `load_pretrained`). vlm/checkpoint.py dec
 """
 
 from collections.abc import Collection
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -40,11 +41,28 @@ def saved_names(directory: Path) -> set[str]:
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer, stored: Collection[str] | None = None) -> None:
     """A collective: every process writes its shards into `directory/dcp`. `stored`: the model tensors to keep
     (a LoRA run's: what trains); default all."""
+    dcp.save(_state(model, optimizer, stored), checkpoint_id=str(Path(directory) / DCP_DIR), no_dist=_alone())
+
+
+def start_saving_sharded(
+    directory: Path, model: torch.nn.Module, optimizer, stored: Collection[str] | None, group
+) -> Future:
+    """`save_sharded` in the background: every process copies its shards to CPU memory now (the training may
+    change them from the next step on) and a thread writes the copy; the future completes when this process's part
+    and, on process 0, the metadata are on disk. `group`: a gloo group of its own, so that the thread's collectives
+    never interleave with the training's."""
+    saving = dcp.async_save(
+        _state(model, optimizer, stored), checkpoint_id=str(Path(directory) / DCP_DIR), process_group=group,
+        no_dist=_alone(),
+    )  # fmt: skip
+    return getattr(saving, "upload_completion", saving)  # an AsyncSaveResponse when the stager is asynchronous
+
+
+def _state(model: torch.nn.Module, optimizer, stored: Collection[str] | None) -> dict:
     model_state, optimizer_state = get_state_dict(model, optimizer)
     if stored is not None:
         model_state = {name: tensor for name, tensor in model_state.items() if name in stored}
-    state = {MODEL: model_state, OPTIMIZER: optimizer_state}
-    dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR), no_dist=_alone())
+    return {MODEL: model_state, OPTIMIZER: optimizer_state}
 
 
 def load_sharded(directory: Path, model: torch.nn.Module, optimizer=None, partial: bool = False) -> None:

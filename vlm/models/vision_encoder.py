@@ -33,10 +33,11 @@ class VisionConfig:
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, load_weights: bool = True):
+        """`load_weights=False`: the backbone without its pretrained weights (an empty build)."""
         super().__init__()
         self.cfg = cfg
-        self.backbone = _create_backbone(cfg)
+        self.backbone = _create_backbone(cfg, load_weights)
         # Indices come back relative to the pruned model, e.g. -2 becomes the new last block.
         try:
             self._layer = self.backbone.prune_intermediate_layers(
@@ -108,7 +109,7 @@ class VisionEncoder(nn.Module):
         return torch.cat([prefix, spatial.flatten(2).transpose(1, 2)], dim=1)
 
 
-def _create_backbone(cfg: VisionConfig) -> nn.Module:
+def _create_backbone(cfg: VisionConfig, load_weights: bool) -> nn.Module:
     """timm's own loading: the hub by name (`pretrained`), or a local file through its pretrained-config overlay."""
     kwargs = dict(cfg.model_kwargs)
     key, source = (
@@ -120,7 +121,7 @@ def _create_backbone(cfg: VisionConfig) -> nn.Module:
         kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights_path)
     with loading(key, source):
         backbone = timm.create_model(
-            cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_path), num_classes=0, **kwargs
+            cfg.name, pretrained=load_weights and (cfg.pretrained or bool(cfg.weights_path)), num_classes=0, **kwargs
         )
     trained_at = (backbone.pretrained_cfg or {}).get("input_size", [None])[-1]
     if cfg.pretrained and not cfg.weights_path and trained_at and trained_at != cfg.image_size:

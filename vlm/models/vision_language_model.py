@@ -6,6 +6,7 @@ id the forward needs is cached at init: the model never touches the tokenizer. O
 directory (vlm/checkpoint.py): `save_pretrained` writes one, `from_pretrained` reads one back.
 """
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,17 +66,30 @@ def merge_image_features(
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, token_ids: TokenIds):
+    def __init__(self, cfg: ModelConfig, token_ids: TokenIds, empty: bool = False):
+        """`empty`: the structure without its values, for an FSDP process that receives its weights from process 0
+        (vlm/training/distributed.py). Built on the meta device (no initialisation, no weight files read), then given
+        storage that is allocated but never written, so it holds no memory until the weights arrive."""
         super().__init__()
         self.cfg = cfg
         self.token_ids = token_ids
-        self.vision = VisionEncoder(cfg.vision)
-        self.lm = build_language_model(cfg.lm, token_ids.vocab_size)
-        text_scale = self.lm.get_input_embeddings().weight.detach().pow(2).mean().sqrt().item()
-        self.projector = build_projector(
-            cfg.projector, self.vision.embed_dim, self.lm.config.hidden_size, self.vision.num_patches, text_scale
-        )
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            self.vision = VisionEncoder(cfg.vision, load_weights=not empty)
+            self.lm = build_language_model(cfg.lm, token_ids.vocab_size, load_weights=not empty)
+            # The projector's scale follows the LM's embeddings; an empty build takes process 0's projector anyway.
+            text_scale = 1.0 if empty else self.lm.get_input_embeddings().weight.detach().pow(2).mean().sqrt().item()
+            self.projector = build_projector(
+                cfg.projector, self.vision.embed_dim, self.lm.config.hidden_size, self.vision.num_patches, text_scale
+            )
+        if empty:
+            self.to_empty(device="cpu")  # real storage: accelerate maps optimizer parameters by their addresses
+            self.tie_weights()
         self.tokens_per_image = self.projector.tokens_per_image
+
+    def tie_weights(self) -> None:
+        """Tie the LM's output layer to its input embeddings again where its config ties them. Moving tensors between
+        devices unties them; accelerate calls this after loading process 0's weights into the shards."""
+        self.lm.tie_weights()
 
     @classmethod
     def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> "VisionLanguageModel":

@@ -5,6 +5,8 @@ torchrun or `accelerate launch` start the processes; accelerate tells each its r
   for the CPU), and FSDP comes from accelerate's plugin (on CPU too: vlm/compat.py);
 - `prepare`: wraps model and optimizer; DDP broadcasts no buffers in the forward, so a forward issues
   no collective and a forward OOM on one process cannot leave the others waiting;
+- `builds_empty_model`: under FSDP2 with accelerate's `fsdp_cpu_ram_efficient_loading`, processes other than 0
+  build the model without its values and `prepare` fills their shards from process 0's tensors;
 - `check_launch`: a launch that asked for N processes but runs alone is an error, not a quiet single run;
 - `Agreement`: the small decisions every process must take alike, or their collectives stop matching
   and the job hangs: how many micro-batches a step has, and whether any process ran out of memory.
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils.modeling import get_non_persistent_buffers
 from torch.nn.parallel import DistributedDataParallel
 
 from vlm.compat import enable_fsdp_on_cpu
@@ -45,14 +48,44 @@ def build_accelerator(device: str, mixed_precision: str) -> Accelerator:
     return accelerator
 
 
+def loads_from_first_process(accelerator: Accelerator) -> bool:
+    """FSDP2 with accelerate's `fsdp_cpu_ram_efficient_loading` (configs/accelerate/fsdp.yaml) on several processes:
+    process 0 alone builds (or loads) the whole model, and `prepare` hands each process its shard of it."""
+    return (
+        accelerator.is_fsdp2
+        and accelerator.num_processes > 1
+        and bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
+    )
+
+
+def builds_empty_model(accelerator: Accelerator) -> bool:
+    """Whether this process builds the model without its values (vlm/build.py), to receive process 0's."""
+    return loads_from_first_process(accelerator) and not accelerator.is_main_process
+
+
 def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """Wrap (DDP) or shard (FSDP) the model, after compile and before training; returns (model, optimizer)."""
+    """Wrap (DDP) or shard (FSDP) the model, after compile and before training; returns (model, optimizer).
+
+    When process 0 alone built the model, accelerate broadcasts its parameters and persistent buffers tensor by
+    tensor while sharding them, but keeps each process's own non-persistent buffers (rotary frequencies): those
+    come from process 0 first."""
+    if loads_from_first_process(accelerator):
+        broadcast_non_persistent_buffers(model, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(model, DistributedDataParallel):
         # Buffers are synced once, at wrapping; re-broadcasting them at each forward would put a collective
         # in the forward. Only BatchNorm statistics change later, and those are per process by nature.
         model.broadcast_buffers = False
     return model, optimizer
+
+
+def broadcast_non_persistent_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Process 0's values of the buffers a state dict leaves out, into every process's model."""
+    for name in sorted(get_non_persistent_buffers(model, recurse=True, fqns=True)):
+        buffer = model.get_buffer(name)
+        sent = buffer.to(device)  # NCCL sends CUDA tensors only
+        dist.broadcast(sent, src=0)
+        buffer.copy_(sent)
 
 
 def per_process_share(global_batch_size: int, world_size: int) -> int:

@@ -45,6 +45,9 @@ class CheckpointSettings:
     # sharded: each process writes its part of weights and optimizer state (torch.distributed.checkpoint), no gather;
     # consolidated: one model.safetensors and optimizer state, gathered to process 0; auto: sharded under FSDP2
     format: str = "auto"
+    # sharded checkpoints only: each process copies its shards to CPU memory and a thread writes them while training
+    # goes on; the checkpoint appears once all are on disk (at the next save or the end of the run)
+    async_save: bool = False
 
 
 @dataclass

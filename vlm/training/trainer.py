@@ -68,7 +68,9 @@ class Trainer:
         model = parts.model
         settings = param_settings(model, tc)
         apply_trainable(model, settings)
-        self.adapter_base = adapter_base(model) if has_adapters(model) else None  # before compile and sharding
+        self.adapter_base = None  # before compile and sharding, by process 0: the others may hold no weights yet
+        if has_adapters(model):
+            self.adapter_base = broadcast_object_list([adapter_base(model) if self.is_main else None])[0]
         self.parameters = parameter_counts(model)
         if tc.activation_checkpointing:
             model.enable_activation_checkpointing()
@@ -77,9 +79,11 @@ class Trainer:
         optimizer = build_optimizer(model, tc, settings)
         self.scheduler = build_scheduler(optimizer, tc)
         self.model, self.optimizer = prepare(accelerator, model, optimizer)
+        self.start_up_peak_memory = peak_memory_bytes(accelerator.device)  # built and sharded (metrics.json)
         self.checkpointer = Checkpointer(
             self.run_dir, accelerator, self.model, self.optimizer, self.scheduler, parts.tokenizer, cfg,
             tc.global_batch_size, tc.keep_last, tc.best_metric, self.adapter_base, tc.checkpoint.format,
+            tc.checkpoint.async_save,
         )  # fmt: skip
         self.share = per_process_share(tc.global_batch_size, self.world_size)
         self.agreement = Agreement(self.world_size)
@@ -315,7 +319,7 @@ class Trainer:
         peak = peak_memory_bytes(self.accelerator.device)  # a save that gathers whole tensors shows here
         self.peak_memory = max(self.peak_memory, peak)
         self.saves.append({"step": self.step, "seconds": time.perf_counter() - started, "sharded": self.checkpointer.sharded,
-                           "peak_memory_bytes": peak})  # fmt: skip
+                           "async_save": self.checkpointer.async_save, "peak_memory_bytes": peak})  # fmt: skip
         return path
 
     def _progress(self) -> dict:
@@ -341,6 +345,7 @@ class Trainer:
     # ----- the end -------------------------------------------------------------------------------
 
     def _stopped(self, signal_name: str) -> dict:
+        self.checkpointer.finish_saving()
         latest = self.checkpointer.directory.latest()
         summary = {"stopped_by": signal_name, "steps": self.step, "checkpoint": str(latest),
                    "wall_time_s": time.perf_counter() - self.started}  # fmt: skip
@@ -359,13 +364,16 @@ class Trainer:
             self.step, {**final.metrics(), **benchmark_scores}, self.higher_is_better
         )  # the final one may be the best
         self.checkpointer.save_final()
-        if self.train_cfg.save_every or best:  # best.json always names a resumable checkpoint that exists
+        saved = self.saves and self.saves[-1]["step"] == self.step  # by the last step's periodic save
+        if (self.train_cfg.save_every or best) and not saved:  # best.json always names a resumable checkpoint
             self.save()
+        self.checkpointer.finish_saving()
         process = {
             "rank": self.rank,
             "rng_seed": torch.initial_seed(),  # dropout and sampling: train.seed + rank
             "first_step_samples": self.first_step_samples,
             "peak_memory_bytes": self.peak_memory,
+            "start_up_peak_memory_bytes": self.start_up_peak_memory,
             "checkpoint_saves": self.saves,
             "resume_s": self.resume_s,
         }
