@@ -9,7 +9,8 @@ from position ids that restart when no 2-D attention mask is given (`masking_uti
 so attention stays within a sample on every attention implementation and under torch.compile. The first token of
 each sample is never a target (the previous sample's last token does not predict it), exactly as in an unpacked
 row where position 0 has no previous token. Images follow their samples in order, so each one's features land
-on its own placeholders.
+on its own placeholders. Eager steps on the CPU also hand the attention each sample's boundaries, so it runs per
+sample instead of over the whole row's mask (vlm/models/packed_attention.py).
 """
 
 import torch

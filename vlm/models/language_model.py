@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from vlm.config import ConfigError
 from vlm.hub import loading
+from vlm.models.packed_attention import attention_for
 
 
 @dataclass
@@ -31,12 +32,12 @@ def build_language_model(cfg: LMConfig, vocab_size: int, load_weights: bool = Tr
     if cfg.pretrained and load_weights:
         with loading("model.lm.pretrained", cfg.pretrained):
             lm = AutoModelForCausalLM.from_pretrained(
-                cfg.pretrained, attn_implementation=cfg.attn_implementation, dtype=cfg.dtype,
+                cfg.pretrained, attn_implementation=attention_for(cfg.attn_implementation), dtype=cfg.dtype,
                 trust_remote_code=cfg.trust_remote_code,
             )  # fmt: skip
     else:
         lm = AutoModelForCausalLM.from_config(
-            _lm_config(cfg, vocab_size), attn_implementation=cfg.attn_implementation, dtype=cfg.dtype,
+            _lm_config(cfg, vocab_size), attn_implementation=attention_for(cfg.attn_implementation), dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
         )  # fmt: skip
     if lm.get_input_embeddings().num_embeddings < vocab_size:

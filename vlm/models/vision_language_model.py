@@ -24,6 +24,7 @@ from vlm.config import typed_section
 from vlm.data.chat_format import IGNORE_INDEX, ChatFormat
 from vlm.models.language_model import LMConfig, build_language_model
 from vlm.models.lora import LoraSettings, add_adapters, base_fingerprint
+from vlm.models.packed_attention import sample_boundaries
 from vlm.models.projector import ProjectorConfig, build_projector
 from vlm.models.vision_encoder import VisionConfig, VisionEncoder
 
@@ -199,9 +200,13 @@ class VisionLanguageModel(nn.Module):
             # Packed rows: with no 2-D mask, transformers makes attention block-causal wherever the positions
             # restart (one block per sample; see vlm/data/packing.py). Padding is masked out of the loss below.
             lm_mask = None
+        # Eager packed rows on the CPU also tell the attention where samples start, so it can skip the masked blocks
+        # (vlm/models/packed_attention.py); a compiled graph keeps the mask alone, and GPUs take flash_attention_2.
+        per_sample = lm_mask is None and embeds.device.type == "cpu" and not torch.compiler.is_compiling()
+        boundaries = sample_boundaries(position_ids) if per_sample else {}
         # use_cache=False: a forward over whole sequences needs no KV cache (transformers builds one by default).
         logits = self.lm(
-            inputs_embeds=embeds, attention_mask=lm_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=embeds, attention_mask=lm_mask, position_ids=position_ids, use_cache=False, **boundaries
         ).logits
         if labels is None:
             return CoreOutput(logits, None)
