@@ -10,7 +10,7 @@ Training and generation both go through `encode`, so BOS and headers can never d
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -71,7 +71,13 @@ class ChatFormat:
 
     def text_ids(self, text: str) -> list[int]:
         """Plain text (special-token strings stay characters)."""
-        return encode_plain_text(self.tokenizer, text)
+        return list(self._text_ids_cached(text))
+
+    @lru_cache(maxsize=1 << 16)  # per format, which lives as long as the run
+    def _text_ids_cached(self, text: str) -> tuple[int, ...]:
+        # Datasets repeat their questions and instructions ("Describe the image.", VQA templates): those are
+        # tokenized once. Encoding is most of a short sample's preparation (bench/batching.py).
+        return tuple(encode_plain_text(self.tokenizer, text))
 
     def _message_body(self, content: Any, image_runs: Iterator[list[int]]) -> tuple[list[int], list[int]]:
         """A message's ids and their labels-if-supervised: image runs are never supervised."""

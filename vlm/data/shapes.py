@@ -58,11 +58,21 @@ class Scene:
     kind: str
 
     def key(self) -> str:
-        return f"{sorted(self.objects)}|{self.question}"
+        return objects_key(self.objects) + self.question
+
+
+def objects_key(objects: tuple) -> str:
+    """The scene part of a question's key (which side of the train/validation split it falls on)."""
+    return f"{sorted(objects)}|"
+
+
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    """`str(rng.choice(options))`: the same draw from the generator, without converting the list to an array."""
+    return options[rng.integers(len(options))]
 
 
 def _others(rng: np.random.Generator, options, exclude) -> str:
-    return str(rng.choice([o for o in options if o != exclude]))
+    return _pick(rng, [o for o in options if o != exclude])
 
 
 def draw_scene(rng: np.random.Generator) -> Scene:
@@ -71,23 +81,23 @@ def draw_scene(rng: np.random.Generator) -> Scene:
     cells = list(rng.permutation(len(CELLS)))
     colours, shapes = list(COLOURS), list(SHAPES)
     if kind == "count":
-        shape, k = str(rng.choice(shapes)), int(rng.integers(1, 5))
+        shape, k = _pick(rng, shapes), int(rng.integers(1, 5))
         extra = int(rng.integers(0, 4 - k + 1))
-        objects = [(c, shape, str(rng.choice(colours))) for c in cells[:k]]
-        objects += [(c, _others(rng, shapes, shape), str(rng.choice(colours))) for c in cells[k : k + extra]]
+        objects = [(c, shape, _pick(rng, colours)) for c in cells[:k]]
+        objects += [(c, _others(rng, shapes, shape), _pick(rng, colours)) for c in cells[k : k + extra]]
         return Scene(tuple(objects), f"How many {shape}s are there?", COUNT_WORDS[k - 1], kind)
-    target = (cells[0], str(rng.choice(shapes)), str(rng.choice(colours)))
+    target = (cells[0], _pick(rng, shapes), _pick(rng, colours))
     n_extra = int(rng.integers(0, 4))
     _, shape, colour = target
     extra = []
     for c in cells[1 : 1 + n_extra]:
         if kind == "colour":  # the asked shape must be unique
-            extra.append((c, _others(rng, shapes, shape), str(rng.choice(colours))))
+            extra.append((c, _others(rng, shapes, shape), _pick(rng, colours)))
         elif kind == "shape":  # the asked colour must be unique
-            extra.append((c, str(rng.choice(shapes)), _others(rng, colours, colour)))
+            extra.append((c, _pick(rng, shapes), _others(rng, colours, colour)))
         else:  # position: the asked (colour, shape) pair must be unique
-            other_shape = str(rng.choice(shapes))
-            other_colour = _others(rng, colours, colour) if other_shape == shape else str(rng.choice(colours))
+            other_shape = _pick(rng, shapes)
+            other_colour = _others(rng, colours, colour) if other_shape == shape else _pick(rng, colours)
             extra.append((c, other_shape, other_colour))
     objects = (target, *extra)
     if kind == "colour":
@@ -159,7 +169,11 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def in_validation_space(scene: Scene, val_fraction: float) -> bool:
-    digest = hashlib.blake2b(scene.key().encode(), digest_size=8).digest()
+    return _key_in_validation_space(scene.key(), val_fraction)
+
+
+def _key_in_validation_space(key: str, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
@@ -201,10 +215,11 @@ class ShapesVQA(Dataset):
             return []
         valid = valid_questions(scene.objects)
         asked = [next(q for q in valid if q.text == scene.question)]
+        scene_key = objects_key(scene.objects)
         candidates = [
             q for q in valid
             if q.text != scene.question and self.cfg.extra_question_weights.get(q.kind, 1.0) > 0
-            and not in_validation_space(Scene(scene.objects, q.text, q.answer, ""), self.cfg.val_fraction)
+            and not _key_in_validation_space(scene_key + q.text, self.cfg.val_fraction)
         ]  # fmt: skip
         while len(asked) < self.cfg.questions_per_image:
             candidates = [q for q in candidates if q not in asked and not given_away(q, asked)]
