@@ -21,6 +21,7 @@ from packaging.version import Version
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from tests.test_distributed import free_port
 from vlm.compat import (
     enable_lm_activation_checkpointing,
     encode_plain_text,
@@ -85,6 +86,41 @@ def test_wandb_offline_tables_still_lose_their_images(tmp_path, monkeypatch):
     run.finish()
     (written,) = glob.glob(f"{files}/media/table/*.table.json")
     assert json.loads(Path(written).read_text())["data"][0][0] == "Image"  # the picture itself is not there
+
+
+# accelerate's loading from process 0, on one gloo process: a BatchNorm's running statistics stay plain tensors.
+LOAD_BUFFERS_PROBE = """
+import os, sys, types
+import torch, torch.distributed as dist
+from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+from torch.distributed.fsdp import fully_shard
+from vlm.compat import _load_full_state_dict
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+for load in (fsdp2_load_full_state_dict, _load_full_state_dict):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(0.5)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    model = fully_shard(model.to("meta"))
+    try:
+        load(types.SimpleNamespace(is_main_process=True, device=torch.device("cpu")), model, full)
+        print(load.__module__, float(model[1].running_mean[0]), float(model[0].weight.full_tensor()[0, 0, 0, 0] == full["0.weight"][0, 0, 0, 0]))
+    except AttributeError as err:
+        print(load.__module__, "AttributeError", err)
+dist.destroy_process_group()
+"""
+
+
+def test_accelerate_cannot_load_unsharded_buffers_from_process_0():
+    """vlm.compat.load_unsharded_buffers_from_process_0 is needed while accelerate's own loader fails on buffers."""
+    command = [sys.executable, "-c", LOAD_BUFFERS_PROBE, str(free_port())]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs, ours = done.stdout.splitlines()
+    assert theirs == "accelerate.utils.fsdp_utils AttributeError 'Tensor' object has no attribute 'device_mesh'"
+    assert ours == "vlm.compat 0.5 1.0"  # the buffer and the parameter shard loaded
 
 
 # Each process writes its own file: two processes printing to one pipe can interleave within a line.

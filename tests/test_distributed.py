@@ -74,10 +74,11 @@ def launcher(name: str, processes: int) -> list[str]:
 
 
 def launch(
-    run_dir: Path, args: list[str], via: str = "torchrun", script: str = "train.py", expect_ok: bool = True
-) -> Run:
+    run_dir: Path, args: list[str], via: str = "torchrun", script: str = "train.py", expect_ok: bool = True,
+    launch_options: list[str] = (),
+) -> Run:  # fmt: skip
     """Two processes; killed (with all their children) and failed if they run past HANG_TIMEOUT_S."""
-    command = [*launcher(via, 2), script, *args, f"hydra.run.dir={run_dir}"]
+    command = [*launcher(via, 2), *launch_options, script, *args, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -353,6 +354,22 @@ def test_fsdp_keeps_tied_embeddings_tied(tmp_path):
     weights = two.weights()  # gathered whole: both names, one value
     assert torch.equal(weights.pop("lm.model.embed_tokens.weight"), weights["lm.lm_head.weight"])
     assert_same_weights(one.weights(), weights)
+
+
+def test_fsdp_loads_batch_norm_buffers_from_process_0_as_every_process_building_would(tmp_path):
+    """The shapes experiment's ResNet tower has buffers (BatchNorm statistics) that FSDP2 does not shard: process 1
+    builds empty and receives them whole (vlm/compat.py), and the run equals the one where every process builds."""
+    args = ["+experiment=shapes", *TINY, *RUN, "train.max_steps=3"]
+    received = launch(tmp_path / "received", args, via="fsdp")
+    assert received.metrics["world_size"] == 2
+    assert_built_empty_by_process_1(received)
+    built = launch(tmp_path / "built", args, via="fsdp", launch_options=["--fsdp_cpu_ram_efficient_loading", "false"])
+    assert EMPTY_BUILD not in (built.run_dir / "train_rank1.log").read_text()
+    assert received.losses == built.losses and len(received.losses) == 3
+    assert received.metrics["val_loss"] == built.metrics["val_loss"]  # each process's share, by its statistics
+    built_weights, received_weights = built.weights(), received.weights()  # BatchNorm's step counts included
+    assert built_weights.keys() == received_weights.keys()
+    assert all(torch.equal(built_weights[k], received_weights[k]) for k in built_weights)
 
 
 def assert_built_empty_by_process_1(run: Run) -> None:

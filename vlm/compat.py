@@ -10,7 +10,7 @@ import logging
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, fsdp_utils
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -123,6 +123,40 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     # Both shared states: a later AcceleratorState() copies PartialState's distributed type over its own.
     accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
     log.info("FSDP%d on CPU (gloo) through accelerate's FSDP plugin", plugin.fsdp_version)
+
+
+def load_unsharded_buffers_from_process_0() -> None:
+    """accelerate's FSDP2 loading from process 0 (`fsdp_cpu_ram_efficient_loading`) for models with buffers.
+
+    accelerate (1.15.0, the newest; `fsdp2_load_full_state_dict`) takes every entry of the sharded model's state dict
+    for a DTensor and reads its `device_mesh`, but FSDP2 shards parameters only: a persistent buffer (BatchNorm's
+    running statistics in a ResNet tower) stays a plain tensor and the load fails on every process with
+    `AttributeError: 'Tensor' object has no attribute 'device_mesh'`. This loader does what accelerate's does for
+    parameters (process 0 broadcasts each full tensor, every process keeps its shard, in the model's dtype) and
+    broadcasts buffers whole. Process-wide and idempotent. Still needed while tests/test_compat.py sees accelerate's
+    own loader fail on a BatchNorm model.
+    """
+    if fsdp_utils.fsdp2_load_full_state_dict is _load_full_state_dict:
+        return
+    fsdp_utils.fsdp2_load_full_state_dict = _load_full_state_dict
+
+
+def _load_full_state_dict(accelerator, model: nn.Module, full_sd: dict, cpu_offload: bool = False) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    loaded = {}
+    for name, target in model.state_dict().items():  # the same order on every process
+        sharded = isinstance(target, DTensor)
+        device = target.device_mesh.device_type if sharded else accelerator.device
+        if accelerator.is_main_process:
+            full = full_sd[name].detach().to(device=device, dtype=target.dtype).contiguous()
+        else:
+            full = torch.empty(target.shape, dtype=target.dtype, device=device)
+        dist.broadcast(full, src=0)
+        value = distribute_tensor(full, target.device_mesh, target.placements) if sharded else full
+        loaded[name] = value.to("cpu") if cpu_offload else value
+    model.load_state_dict(loaded, assign=True)
 
 
 # ----- wandb ---------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class ChatFormat:
         """Plain text (special-token strings stay characters)."""
         return list(self._text_ids_cached(text))
 
-    @lru_cache(maxsize=1 << 16)  # per format, which lives as long as the run
+    @lru_cache(maxsize=1 << 16)  # keyed by (format, text), shared by the formats of this process
     def _text_ids_cached(self, text: str) -> tuple[int, ...]:
         # Datasets repeat their questions and instructions ("Describe the image.", VQA templates): those are
         # tokenized once. Encoding is most of a short sample's preparation (bench/batching.py).

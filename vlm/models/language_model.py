@@ -36,8 +36,12 @@ def build_language_model(cfg: LMConfig, vocab_size: int, load_weights: bool = Tr
                 trust_remote_code=cfg.trust_remote_code,
             )  # fmt: skip
     else:
+        config = _lm_config(cfg, vocab_size)
+        dtype = (
+            (getattr(config, "dtype", None) or "float32") if cfg.dtype == "auto" else cfg.dtype
+        )  # as from_pretrained
         lm = AutoModelForCausalLM.from_config(
-            _lm_config(cfg, vocab_size), attn_implementation=attention_for(cfg.attn_implementation), dtype=cfg.dtype,
+            config, attn_implementation=attention_for(cfg.attn_implementation), dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
         )  # fmt: skip
     if lm.get_input_embeddings().num_embeddings < vocab_size:

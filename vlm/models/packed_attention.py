@@ -4,9 +4,10 @@ transformers turns a packed row's restarting position ids into a dense block-cau
 every block of it, masked or not: a row of 1,024 tokens costs 1,024² whatever its samples. Given the samples'
 boundaries (`cu_seq_lens_q`, the cumulative lengths that FlashAttention's variable-length path takes), `packed_sdpa`
 runs SDPA with `is_causal` on each sample, for the sum of the squared sample lengths: 1.5x less time for the attention
-of a step of 40..1,000-token samples in rows of 1,024 on a CPU. Everything else (padded batches, generation) takes
-transformers' own SDPA and mask, as does traced code: boundaries read from the data would make a compiled graph
-depend on them. `model.lm.attn_implementation=sdpa` selects it (vlm/models/language_model.py).
+of a step of 40..1,000-token samples in rows of 1,024 on a CPU. Everything else (padded batches, generation,
+sliding-window layers) takes transformers' own SDPA and mask, as does traced code: boundaries read from the data
+would make a compiled graph depend on them. `model.lm.attn_implementation=sdpa` selects it
+(vlm/models/language_model.py).
 """
 
 import torch
@@ -34,8 +35,8 @@ def sample_boundaries(position_ids: torch.Tensor) -> dict:
 
 def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
     """transformers' SDPA attention, once per sample when the samples' boundaries come with the call."""
-    if cu_seq_lens_q is None or torch.compiler.is_compiling():
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if cu_seq_lens_q is None or kwargs.get("sliding_window") or torch.compiler.is_compiling():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # the window is in the mask
     rows, _, length, dim = query.shape
 
     def end_to_end(states: torch.Tensor) -> torch.Tensor:  # [rows, heads, length, dim] -> [1, heads, rows*length, dim]

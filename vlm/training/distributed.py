@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils.modeling import get_non_persistent_buffers
 from torch.nn.parallel import DistributedDataParallel
 
-from vlm.compat import enable_fsdp_on_cpu
+from vlm.compat import enable_fsdp_on_cpu, load_unsharded_buffers_from_process_0
 from vlm.config import ConfigError
 from vlm.errors import UserError
 
@@ -71,6 +71,7 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.o
     come from process 0 first."""
     if loads_from_first_process(accelerator):
         broadcast_non_persistent_buffers(model, accelerator.device)
+        load_unsharded_buffers_from_process_0()
     model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(model, DistributedDataParallel):
         # Buffers are synced once, at wrapping; re-broadcasting them at each forward would put a collective

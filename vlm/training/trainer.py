@@ -364,8 +364,7 @@ class Trainer:
             self.step, {**final.metrics(), **benchmark_scores}, self.higher_is_better
         )  # the final one may be the best
         self.checkpointer.save_final()
-        saved = self.saves and self.saves[-1]["step"] == self.step  # by the last step's periodic save
-        if (self.train_cfg.save_every or best) and not saved:  # best.json always names a resumable checkpoint
+        if self.train_cfg.save_every or best:  # best.json always names a resumable checkpoint that exists
             self.save()
         self.checkpointer.finish_saving()
         process = {
