@@ -72,7 +72,11 @@ def build_benchmarks(cfg: DictConfig, run: RunConfig, accelerator: Accelerator) 
 def main(cfg: DictConfig) -> None:
     try:
         with reported_as_message():
-            metrics = build_trainer(cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
+            trainer = build_trainer(cfg, Path(HydraConfig.get().runtime.output_dir))
+            metrics = trainer.fit()
+            # The process group goes before the interpreter does: torch asks for it, and gloo's threads left to the
+            # exit once aborted a process ("terminate called without an active exception") after a finished run.
+            trainer.accelerator.end_training()
     except KeyboardInterrupt:  # a second Ctrl-C: the user chose not to wait for the checkpoint
         print("interrupted again: stopped at once, without saving this step's checkpoint", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
