@@ -267,11 +267,13 @@ def test_resumed_two_process_run_repeats_the_uninterrupted_one(tmp_path):
 
 
 KILL_9_WRITING_STEP_4 = """
-import os, runpy, signal, sys
+import os, runpy, signal, sys, threading
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 def finish(self, *args, **kwargs):  # process 0, in the saving thread: every shard on disk, the metadata not yet
     if ".tmp-step_00000004" in str(self.path):
+        if threading.current_thread() is threading.main_thread():
+            os._exit(3)  # a background save must write in its own thread
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, *args, **kwargs)
 

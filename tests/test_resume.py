@@ -81,13 +81,15 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(straight, tmp_path)
 
 
 KILL_DURING_SAVE = """
-import os, signal, sys, runpy
+import os, signal, sys, runpy, threading
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 import vlm.checkpoint as checkpoint_module
 
 def dying(original, directory):  # death as under kill -9, in the middle of step 6's save
     def write(path, *args, **kwargs):
         if ".tmp-step_00000006" in str(path if directory else path.path):
+            if not directory and threading.current_thread() is threading.main_thread():
+                os._exit(3)  # a background save must write in its own thread
             os.kill(os.getpid(), signal.SIGKILL)
         return original(path, *args, **kwargs)
     return write
