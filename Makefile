@@ -14,7 +14,7 @@ TORCH_VENV := .venv-torch$(TORCH)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet -e ".[test,qlora]"
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -37,7 +37,7 @@ test-torch: $(TORCH_VENV)/.installed
 $(TORCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(TORCH_VENV)/bin/pip install --quiet "torch==$(TORCH)" "torchvision==$(TORCHVISION)" -e ".[test]"
+	$(TORCH_VENV)/bin/pip install --quiet "torch==$(TORCH)" "torchvision==$(TORCHVISION)" -e ".[test,qlora]"
 	touch $@
 
 # The lmms-eval benchmark tests (tests/test_benchmark.py) in .venv-bench, which has the bench extra: lmms-eval is

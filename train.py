@@ -25,7 +25,13 @@ from vlm.errors import reported_as_message
 from vlm.harness import require_lmms_eval
 from vlm.training.benchmark_hook import BenchmarkRun
 from vlm.training.device import configure_cpu_allocator, configure_cuda_allocator
-from vlm.training.distributed import build_accelerator, builds_empty_model, describe, log_to_own_file
+from vlm.training.distributed import (
+    build_accelerator,
+    builds_empty_model,
+    check_quantized_base,
+    describe,
+    log_to_own_file,
+)
 from vlm.training.parts import RunConfig
 from vlm.training.trainer import Trainer
 
@@ -41,6 +47,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, trainer_class: type[Trainer] =
     log_to_own_file(Path(run_dir), accelerator.process_index)
     log.info("%s", describe(accelerator))
     benchmarks = build_benchmarks(cfg, run, accelerator)  # an unknown task fails here, before the model is built
+    check_quantized_base(run.train.lora, accelerator)
     set_seed(run.train.seed)  # the same on every process: identical initial weights
     empty = builds_empty_model(accelerator)
     if empty:

@@ -8,12 +8,14 @@ Steps, each a subprocess with its own time limit (its log beside the JSON), one 
 2. `train_debug.py --large-scale` in bf16 for each compile mode, with the graph-break and recompile checks;
 3. a short training run in fp16 with the grad scaler (CUDA only);
 4. packed rows on a LLaVA corpus with flash-attention when the flash-attn package is installed, else SDPA;
-5. LoRA against full fine-tuning of the LM (`--large-scale`, bf16, eager): trained parameters, memory, tokens/s.
+5. LoRA and QLoRA (a 4-bit base) against full fine-tuning of the LM (`--large-scale`, bf16, eager): trained
+   parameters, memory, tokens/s.
 The JSON holds each step's exit status and seconds, and the figures: tokens/s, MFU, recompiles, graph breaks, first
 step per mode; the fp16 run's losses and skipped steps; the packed run's real tokens/s and real-token fraction.
 """
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import platform
@@ -85,7 +87,9 @@ def main() -> int:
     steps["packed"] = run("packed", command, out, timeout=300)
     figures["packed"] = {"attention": attention, "metrics": read_json(packed / "metrics.json")}
 
-    for name, tuning in [("finetune_full", []), ("finetune_lora", ["train.lora.enabled=true"])]:
+    tunings = [("finetune_full", []), ("finetune_lora", ["train.lora.enabled=true"]),
+               ("finetune_qlora", ["train.lora.enabled=true", "train.lora.quantize_base=4bit"])]  # fmt: skip
+    for name, tuning in tunings:
         summary = out / f"{name}.json"
         command = [*debug, "--skip-compile-bench", "--skip-graph-check", "--skip-recompile-check", "--json",
                    str(summary), "train.stage=finetune", *tuning]  # fmt: skip
@@ -105,6 +109,8 @@ def environment() -> dict:
     import transformers
 
     found = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        found["bitsandbytes"] = importlib.metadata.version("bitsandbytes")
     if torch.cuda.is_available():
         found["gpu"] = torch.cuda.get_device_name(0)
     return found

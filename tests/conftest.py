@@ -27,6 +27,7 @@ TINY_MODEL = [
     "model.lm.config.intermediate_size=64",
     "model.lm.config.num_hidden_layers=1",
     "train.compile=off",  # compiling is tested in test_compile.py; elsewhere it would only cost seconds per run
+    "data.num_workers=0",  # the shapes experiment's worker: tests that want workers ask for them
 ]
 TINY = TINY_SHAPES + TINY_MODEL
 

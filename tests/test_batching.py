@@ -6,13 +6,15 @@ Run: pytest tests/test_batching.py
 """
 
 import json
+import os
 import random
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from tests.conftest import make_trainer
-from vlm.training.batching import StepSampler
+from vlm.training.batching import StepSampler, loader_options
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(40, 1000) for _ in range(200)]
@@ -81,3 +83,21 @@ def test_every_run_reports_real_tokens_and_data_wait(runs):
             assert 0 < record["real_token_fraction"] <= 1, mode
             assert record["real_tokens_per_s"] > 0 and 0 <= record["data_wait_fraction"] < 1, mode
         assert all(s["tokens_per_s"] >= s["real_tokens_per_s"] for s in steps)  # padding computed too
+
+
+class WorkerNiceness(Dataset):
+    """Each item: the scheduling priority (niceness) of the process that reads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+def test_data_workers_of_a_cpu_run_take_the_lowest_priority_and_the_trainer_keeps_its_own():
+    """On a CPU the step's threads use every core: a worker at nice 19 prepares data only in the gaps they leave."""
+    mine = os.nice(0)
+    loader = DataLoader(WorkerNiceness(), batch_size=None, **loader_options(0, 1, "cpu"))
+    assert list(loader) == [19, 19] and os.nice(0) == mine
+    assert loader_options(0, 1, "cuda")["worker_init_fn"] is None  # a GPU's host cores are free: no need

@@ -26,6 +26,7 @@ from vlm.compat import (
     enable_lm_activation_checkpointing,
     encode_plain_text,
     is_out_of_memory,
+    keep_4bit_layout,
     safetensors_device,
 )
 from vlm.data.tokenizer import TokenizerConfig, build_tokenizer
@@ -143,3 +144,19 @@ def test_accelerate_leaves_a_cpu_fsdp_launch_without_fsdp(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     seen = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert seen == ["2 DistributedType.MULTI_CPU"] * 2  # two processes, and no FSDP
+
+
+def test_bitsandbytes_repacks_4bit_weights_for_its_cpu_inference_kernel():
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks only on CPUs with AVX512-BF16")
+    x = torch.randn(2, 64)
+    for keep, repacked in [(False, True), (True, False)]:
+        layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4").to("cpu")  # quantized
+        if keep:
+            keep_4bit_layout(layer)
+        with torch.no_grad():
+            layer.eval()(x)
+        assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False) == repacked

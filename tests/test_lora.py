@@ -152,7 +152,6 @@ def test_micro_batch_split_gives_the_adapters_the_same_gradient(tmp_path):
         (["train.lora.target_regex=nothing.*"], "target_regex='nothing.\\*' matches no module"),
         (["train.lora.modules_to_save=[projectr]"], "modules_to_save names 'projectr'"),
         (["train.stage=align"], "train.stage=align: align trains the projector alone"),
-        (["train.lora.quantize_base=4bit"], "QLoRA.*qlora-on-a-cpu"),
     ],
 )
 def test_lora_settings_that_cannot_work_fail_at_start_up_naming_the_key(overrides, message):

@@ -5,6 +5,7 @@ Run: pytest tests/test_processing.py
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -103,6 +104,23 @@ def test_truncation_that_removes_every_answer_token_is_a_bad_sample(tiny):
     ):
         processor(sample("What colour is the circle?", "red"), 5)  # the answer is truncated away
     assert processor(sample("Hi", "red"), 6).num_predicted > 0
+
+
+def test_an_answer_cut_to_its_first_token_trains_and_cut_before_it_is_a_bad_sample(tiny):
+    raw = sample("What colour is the circle?", "red")
+    labels = tiny.processor(raw, 0).labels.tolist()
+    first = next(i for i, label in enumerate(labels) if i > 0 and label != IGNORE_INDEX)
+    for max_length, predicted in [(first + 1, 1), (first, 0)]:
+        processor = SampleProcessor(
+            tiny.processor.chat_format, tiny.processor.image_transform, max_length,
+            tiny.model.token_ids.image, tiny.model.tokens_per_image,
+        )  # fmt: skip
+        if predicted:
+            encoded = processor(raw, 1)
+            assert encoded.num_predicted == 1 and encoded.input_ids.dtype == encoded.labels.dtype == torch.long
+        else:
+            with pytest.raises(BadSample, match="answer_truncated"):
+                processor(raw, 1)
 
 
 def test_truncation_into_image_placeholders_is_an_error(tiny):

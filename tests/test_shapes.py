@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vlm.data.llava import LlavaConfig, LlavaDataset
-from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, given_away, valid_questions
+from vlm.data.shapes import KINDS, Scene, ShapesConfig, ShapesVQA, given_away, valid_questions, weighted_choice
 from vlm.data.shapes_export import export
 from vlm.evaluation import evaluate, majority_baseline
 
@@ -32,6 +32,19 @@ def questions_asked(sample: dict) -> list[str]:
             content = message["content"]
             texts += [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
     return texts
+
+
+def test_weighted_choice_draws_what_numpys_choice_draws():
+    """The extra question turns are drawn with it: the same index and the same draws taken from the generator keep
+    every training sample what `rng.choice` made it."""
+    for seed in range(500):
+        n = seed % 15 + 1
+        weights = np.random.default_rng(seed + 1000).random(n) * 3
+        weights[seed % n] = 0.0 if n > 1 and seed % 4 == 0 else weights[seed % n]  # a kind weighted out
+        p = weights / weights.sum()
+        ours, numpys = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert weighted_choice(ours, p) == numpys.choice(n, p=p), seed
+        assert ours.random() == numpys.random()
 
 
 def test_splits_do_not_overlap_in_any_question_turn():

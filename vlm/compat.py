@@ -159,6 +159,24 @@ def _load_full_state_dict(accelerator, model: nn.Module, full_sd: dict, cpu_offl
     model.load_state_dict(loaded, assign=True)
 
 
+# ----- bitsandbytes --------------------------------------------------------------------------------
+
+# bitsandbytes 0.50, on CPUs with AVX512-BF16, warns at import that the `kernels` package (which would download its
+# CPU inference kernel from the hub) is missing; peft imports bitsandbytes whenever it is installed, so every run
+# printed it. That kernel is kept off (`keep_4bit_layout`). Set here, before anything imports peft (vlm/__init__
+# imports vlm.checkpoint, which imports this module, first).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def keep_4bit_layout(layer: nn.Module) -> None:
+    """A bitsandbytes 0.50 Linear4bit never repacks its weights for the CPU inference kernel. On CPUs with
+    AVX512-BF16 the first call in eval mode without gradients replaces the weight's data and statistics in place by
+    that kernel's layout, which has no backward (training after an evaluation would then run on it) and fails on
+    layers narrower than a 64-value block ("shape '[32, 0]' is invalid"). Still needed while tests/test_compat.py
+    sees the layout change."""
+    layer.support_avx512bf16_for_cpu = False
+
+
 # ----- wandb ---------------------------------------------------------------------------------------
 
 

@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
     if loaded.adapter_base is not None and merge:
         remove_adapters(loaded.model, merge=True)
         loaded.adapter_base = None
-        loaded.config.train.lora.enabled = False  # the directory holds a plain model now
+        loaded.config.train.lora.enabled = False  # the directory holds a plain model now, unquantized
+        loaded.config.train.lora.quantize_base = None
         adapters = " with the LoRA adapters merged"
     loaded.save_pretrained(output)
     if loaded.adapter_base is not None:

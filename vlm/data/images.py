@@ -157,5 +157,4 @@ class ImageTransform:
             image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
             image = image.resize((self.image_size, self.image_size), self.resample)
         array = np.array(image)  # a writable copy: torch refuses read-only arrays
-        pixels = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
-        return (pixels - self.mean) / self.std
+        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0).sub_(self.mean).div_(self.std)

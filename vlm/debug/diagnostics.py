@@ -22,6 +22,7 @@ from vlm.debug.measure import (
     training_flops,
 )
 from vlm.debug.synthetic import synthetic_batch
+from vlm.models.lora import weight_count
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ class Suite:
         self.special_ids, self.options = special_ids, options
         self.generator = torch.Generator().manual_seed(0)
         self.results: dict = {
-            "params": sum(p.numel() for p in model.parameters()),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "params": sum(weight_count(p) for p in model.parameters()),
+            "trainable_params": sum(weight_count(p) for p in model.parameters() if p.requires_grad),
         }
         # One batch for FLOPs, the graph check and every mode's timing, so the figures compare.
         self.main = self.batch(options.batch_size, options.seq_len)

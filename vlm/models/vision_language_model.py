@@ -23,7 +23,7 @@ from vlm.compile_policy import lm_layers, mark_batch_and_sequence_dynamic, mark_
 from vlm.config import typed_section
 from vlm.data.chat_format import IGNORE_INDEX, ChatFormat
 from vlm.models.language_model import LMConfig, build_language_model
-from vlm.models.lora import LoraSettings, add_adapters, base_fingerprint
+from vlm.models.lora import LoraSettings, adapter_base, add_adapters, base_fingerprint, is_quantized
 from vlm.models.packed_attention import sample_boundaries
 from vlm.models.projector import ProjectorConfig, build_projector
 from vlm.models.vision_encoder import VisionConfig, VisionEncoder
@@ -123,8 +123,13 @@ class VisionLanguageModel(nn.Module):
         return saved.load_weights(model, device)
 
     def save_pretrained(self, directory, tokenizer, config) -> None:
-        """`config`: the run config the model was built from (a checkpoint's config.yaml)."""
-        save_pretrained(Path(directory), self, tokenizer, config)
+        """`config`: the run config the model was built from (a checkpoint's config.yaml). A quantized base (QLoRA)
+        is not saved: state dicts cannot restore bitsandbytes' layers, so the directory stores the rest, and loading
+        rebuilds the base from its sources, quantizes it again and checks it against its fingerprint."""
+        quantized = any(is_quantized(module) for module in self.modules())
+        save_pretrained(
+            Path(directory), self, tokenizer, config, adapter_base=adapter_base(self) if quantized else None
+        )
 
     @property
     def _no_split_modules(self) -> list[str]:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vlm.compat import enable_fsdp_on_cpu, load_unsharded_buffers_from_process_0
 from vlm.config import ConfigError
 from vlm.errors import UserError
+from vlm.models.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,16 @@ def build_accelerator(device: str, mixed_precision: str) -> Accelerator:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         enable_fsdp_on_cpu(accelerator)
     return accelerator
+
+
+def check_quantized_base(lora: LoraSettings, accelerator: Accelerator) -> None:
+    """QLoRA runs on one process or under DDP: FSDP would have to shard bitsandbytes' packed weights."""
+    if lora.quantize_base and accelerator.is_fsdp2:
+        raise ConfigError(
+            f"train.lora.quantize_base={lora.quantize_base} with FSDP: the quantized base is not sharded here. Launch "
+            "QLoRA with DDP (--config_file configs/accelerate/ddp.yaml): a 4-bit base is an eighth of its fp32 size "
+            "on each process. See TROUBLESHOOTING.md#qlora-needs-bitsandbytes."
+        )
 
 
 def loads_from_first_process(accelerator: Accelerator) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from vlm.config import ConfigError
-from vlm.models.lora import in_module, is_adapter
+from vlm.models.lora import in_module, is_adapter, weight_count
 from vlm.training.train_config import ModuleSettings, TrainConfig
 
 STAGES = {
@@ -155,7 +155,7 @@ def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
             continue
         seen.add(id(param))
         row = counts.setdefault(_module_of(name), [0, 0])
-        row[0 if param.requires_grad else 1] += param.numel()
+        row[0 if param.requires_grad else 1] += weight_count(param)
     return {module: (t, f) for module, (t, f) in counts.items()}
 
 

@@ -197,10 +197,10 @@ class Trainer:
     def batches(self) -> Iterator[list]:
         """This process's share of each step's samples, from the step after the last one trained (grouped batching
         reads every sample's length here, before the first step)."""
-        pin_memory = self.accelerator.device.type == "cuda"
         steps = training_steps(
-            self.parts, self.train_cfg, self.step, self.rank, self.world_size, self.stream_position, pin_memory
-        )
+            self.parts, self.train_cfg, self.step, self.rank, self.world_size, self.stream_position,
+            self.accelerator.device.type,
+        )  # fmt: skip
         self.steps_ahead = StepsAhead(steps, self.encode_ahead)
         return self._following_the_stream(self.steps_ahead)
 
