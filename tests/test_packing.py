@@ -31,7 +31,8 @@ def moved_parts(*overrides: str):
     parts = build_components(validate_config(cfg))
     with torch.no_grad():  # away from the initialisation (LoRA's B = 0 too), so that differences would show
         for p in parts.model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            if p.is_floating_point():  # not a quantized base's packed weights
+                p.add_(torch.randn_like(p) * 0.05)
     return parts
 
 
@@ -85,10 +86,13 @@ def test_balanced_rows_keep_the_row_count_and_pad_far_less():
     assert sum(balanced_fill) / 50 > 0.91 and sum(full_fill) / 50 < 0.89
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [None, "null", "4bit"], ids=["full", "lora", "qlora"])
 def test_packed_rows_give_every_sample_its_own_logits_loss_and_gradient(parts, lora):
-    if lora:  # peft's adapter layers see packed rows as any linear layer does
-        parts = moved_parts("train.lora.enabled=true", "train.stage=finetune", "train.lora.r=4", "train.lora.dropout=0")
+    if lora:  # peft's adapter layers (on a 4-bit base too) see packed rows as any linear layer does
+        if lora == "4bit":
+            pytest.importorskip("bitsandbytes")
+        parts = moved_parts("train.lora.enabled=true", "train.stage=finetune", "train.lora.r=4", "train.lora.dropout=0",
+                            f"train.lora.quantize_base={lora}")  # fmt: skip
         assert any(".lora_A." in n for n, _ in parts.model.named_parameters())
     model, collate = parts.model, Collator(parts.tokenizer.pad_token_id)
     samples = encoded(parts, range(9))
@@ -174,14 +178,16 @@ def test_compiled_packing_has_no_graph_breaks_or_recompiles(parts, monkeypatch):
     # A compile that misses the AOTAutograd cache (another process, a changed forward) looks the backward up
     # in inductor's FX graph cache, where the entry stored above holds a guard that cannot be evaluated
     # (compat.tolerate_unbound_cache_guards): a miss, not a KeyError.
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    with monkeypatch.context() as unpatched:  # still needed: without the patch the lookup fails (torch 2.14)
-        unpatched.setattr("vlm.compile_policy.tolerate_unbound_cache_guards", lambda: None)
-        unpatched.setattr(ShapeEnv, "evaluate_guards_expression", ShapeEnv.evaluate_guards_expression.unpatched)
-        if Version(torch.__version__).release >= (2, 14):
-            with pytest.raises(Exception, match="attention_mask"):
+    # torch's own patch: pytest's monkeypatch would delete the setting at undo (it is no module attribute), which
+    # hides it from every later compile in the process.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        with monkeypatch.context() as unpatched:  # still needed: without the patch the lookup fails (torch 2.14)
+            unpatched.setattr("vlm.compile_policy.tolerate_unbound_cache_guards", lambda: None)
+            unpatched.setattr(ShapeEnv, "evaluate_guards_expression", ShapeEnv.evaluate_guards_expression.unpatched)
+            if Version(torch.__version__).release >= (2, 14):
+                with pytest.raises(Exception, match="attention_mask"):
+                    compiled_warm_up(parts)
+            else:  # 2.12.0 (make test-torch) stores no such guard
                 compiled_warm_up(parts)
-        else:  # 2.12.0 (make test-torch) stores no such guard
-            compiled_warm_up(parts)
-    compiled_warm_up(parts)
+        compiled_warm_up(parts)
     assert counters["stats"]["unique_graphs"] == warm

@@ -142,6 +142,18 @@ def test_micro_batch_split_gives_the_adapters_the_same_gradient_through_the_quan
             assert ((grad - reference[name]).abs().max() / scale) < 1e-6, (micro, name)
 
 
+def test_activation_checkpointing_gives_the_same_adapter_gradient_through_the_quantized_base(tmp_path):
+    exact = [*QLORA, "train.global_batch_size=4", "train.lora.dropout=0"]
+    plain = make_trainer(tmp_path / "plain", *exact)
+    recomputed = make_trainer(tmp_path / "recomputed", *exact, "train.activation_checkpointing=true")
+    samples = [plain.parts.processor(conversation(i, words), i) for i, words in enumerate([1, 12, 2, 30])]
+    reference = gradients_with_micro_batch(plain, samples, 4)
+    grads = gradients_with_micro_batch(recomputed, samples, 4)
+    assert grads.keys() == reference.keys() and any(is_adapter(n) for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_an_8bit_base_trains_its_adapters_and_stays_bitwise(tmp_path):
     trainer = make_trainer(tmp_path, *LORA, *RUN, "train.lora.quantize_base=8bit", "train.max_steps=1")
     model = trainer.unwrapped
