@@ -13,14 +13,16 @@ Image features are read undecoded, so a corrupt image is one counted bad sample,
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from vlm.config import ConfigError
 from vlm.data.bad_samples import BadSample
 from vlm.data.conversation import IMAGE, llava_turns, place_images, role_of, text_of
 from vlm.data.records import RecordDataset, RecordsConfig, holdout_split
 from vlm.data.streaming import IterableSource
+
+if TYPE_CHECKING:  # imported where used: half a second at start-up that every process paid, HF data or not
+    import datasets
 
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
 LAYOUTS = ("messages", "texts", "conversations", "question")
@@ -52,8 +54,10 @@ class HFConfig(RecordsConfig):
     columns: HFColumns = field(default_factory=HFColumns)
 
 
-def open_split(cfg: HFConfig, split: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+def open_split(cfg: HFConfig, split: str, streaming: bool = False) -> "datasets.Dataset | datasets.IterableDataset":
     """`streaming`: an IterableDataset read as it goes (files and hub datasets are never loaded whole)."""
+    import datasets
+
     path = Path(cfg.path)
     saved = path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
     if saved:
@@ -80,7 +84,7 @@ def default_image_root(cfg: HFConfig) -> Path | None:
     return local if local.is_dir() else local.parent
 
 
-def resolve_columns(dataset: datasets.Dataset, wanted: HFColumns) -> HFColumns:
+def resolve_columns(dataset: "datasets.Dataset", wanted: HFColumns) -> HFColumns:
     """Mapped names checked, unmapped ones found by their default name; exactly one conversation layout."""
     names = set(dataset.column_names)
     resolved = HFColumns()
@@ -100,8 +104,10 @@ def resolve_columns(dataset: datasets.Dataset, wanted: HFColumns) -> HFColumns:
     return resolved
 
 
-def undecoded(dataset: datasets.Dataset, columns: HFColumns) -> datasets.Dataset:
+def undecoded(dataset: "datasets.Dataset", columns: HFColumns) -> "datasets.Dataset":
     """Image features read as {bytes, path}: we decode, so a corrupt image becomes a counted bad sample."""
+    import datasets
+
     for name in (columns.images, columns.image):
         feature = dataset.features.get(name) if name else None
         if isinstance(feature, datasets.Image):
