@@ -36,14 +36,17 @@ def stored(directory) -> set[str]:
         return set(weights.keys())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A LoRA run of 3 steps, its parameters before training, and its run directory."""
-    run_dir = tmp_path_factory.mktemp("lora")
-    trainer = make_trainer(run_dir, *LORA, *RUN, "train.max_steps=3")
+def trained_run(run_dir, *adapters: str):
+    """A run of 3 steps with these adapter settings: its trainer, its parameters before training, its directory."""
+    trainer = make_trainer(run_dir, *adapters, *RUN, "train.max_steps=3")
     before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
     trainer.fit()
     return trainer, before, run_dir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("lora"), *LORA)
 
 
 def test_only_the_adapters_and_the_projector_train_and_the_base_stays_bitwise(trained):
@@ -132,17 +135,36 @@ def test_resume_after_a_stop_is_bitwise_and_refuses_another_base(tmp_path):
 
 
 def test_micro_batch_split_gives_the_adapters_the_same_gradient(tmp_path):
+    reference = split_gradients_agree(tmp_path, *LORA)
+    assert any(is_adapter(n) for n in reference) and all(is_adapter(n) or n.startswith("projector.") for n in reference)
+
+
+def split_gradients_agree(run_dir, *adapters: str) -> dict:
+    """Asserts that micro-batches of 4 and 1 give one batch of 8's gradients; returns those."""
     trainer = make_trainer(
-        tmp_path, *LORA, "train.global_batch_size=8", "train.lora.dropout=0"
+        run_dir, *adapters, "train.global_batch_size=8", "train.lora.dropout=0"
     )  # masks differ by split
     samples = [trainer.parts.processor(conversation(i, words), i) for i, words in enumerate([1, 12, 2, 30, 1, 7, 3, 9])]
     reference = gradients_with_micro_batch(trainer, samples, 8)
-    assert any(is_adapter(n) for n in reference) and all(is_adapter(n) or n.startswith("projector.") for n in reference)
     for micro in (4, 1):
         grads = gradients_with_micro_batch(trainer, samples, micro)
         for name, grad in grads.items():
             scale = reference[name].abs().max().clamp_min(1e-12)
             assert ((grad - reference[name]).abs().max() / scale) < 1e-6, (micro, name)
+    return reference
+
+
+def recomputed_gradients_agree(run_dir, *adapters: str) -> None:
+    """Asserts that activation checkpointing gives the adapters the gradients of a run without it."""
+    exact = [*adapters, "train.global_batch_size=4", "train.lora.dropout=0"]
+    plain = make_trainer(run_dir / "plain", *exact)
+    recomputed = make_trainer(run_dir / "recomputed", *exact, "train.activation_checkpointing=true")
+    samples = [plain.parts.processor(conversation(i, words), i) for i, words in enumerate([1, 12, 2, 30])]
+    reference = gradients_with_micro_batch(plain, samples, 4)
+    grads = gradients_with_micro_batch(recomputed, samples, 4)
+    assert grads.keys() == reference.keys() and any(is_adapter(n) for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -160,16 +182,7 @@ def test_lora_settings_that_cannot_work_fail_at_start_up_naming_the_key(override
 
 
 def test_activation_checkpointing_gives_the_same_adapter_gradient_and_bf16_keeps_the_base(tmp_path):
-    samples_of = [conversation(i, words) for i, words in enumerate([1, 12, 2, 30])]
-    exact = [*LORA, "train.global_batch_size=4", "train.lora.dropout=0"]
-    plain = make_trainer(tmp_path / "plain", *exact)
-    recomputed = make_trainer(tmp_path / "recomputed", *exact, "train.activation_checkpointing=true")
-    samples = [plain.parts.processor(raw, i) for i, raw in enumerate(samples_of)]
-    reference = gradients_with_micro_batch(plain, samples, 4)
-    grads = gradients_with_micro_batch(recomputed, samples, 4)
-    assert grads.keys() == reference.keys() and any(is_adapter(n) for n in grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    recomputed_gradients_agree(tmp_path, *LORA)
     bf16 = make_trainer(tmp_path / "bf16", *LORA, *RUN, "train.max_steps=2", "train.mixed_precision=bf16")
     before = {n: p.detach().clone() for n, p in bf16.unwrapped.named_parameters()}
     metrics = bf16.fit()

@@ -18,8 +18,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import TINY_VIT, compose_config, make_trainer, new_trainer
-from tests.test_accumulation import conversation, gradients_with_micro_batch
-from tests.test_lora import LORA, RUN, batch_of, logits, stored
+from tests.test_lora import (
+    LORA,
+    RUN,
+    batch_of,
+    logits,
+    recomputed_gradients_agree,
+    split_gradients_agree,
+    stored,
+    trained_run,
+)
 from tests.test_resume import StopAfter, assert_bitwise_equal, losses, params
 from vlm import load_pretrained
 from vlm.build import build_components, validate_config
@@ -33,12 +41,7 @@ QLORA = [*LORA, "train.lora.quantize_base=4bit"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A QLoRA run of 3 steps, its parameters before training, and its run directory."""
-    run_dir = tmp_path_factory.mktemp("qlora")
-    trainer = make_trainer(run_dir, *QLORA, *RUN, "train.max_steps=3")
-    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
-    trainer.fit()
-    return trainer, before, run_dir
+    return trained_run(tmp_path_factory.mktemp("qlora"), *QLORA)
 
 
 def linear_layers(module: nn.Module) -> set[str]:
@@ -126,31 +129,15 @@ def test_qlora_resume_after_a_stop_is_bitwise(tmp_path):
 
 
 def test_micro_batch_split_gives_the_adapters_the_same_gradient_through_the_quantized_base(tmp_path):
-    trainer = make_trainer(tmp_path, *QLORA, "train.global_batch_size=8", "train.lora.dropout=0")
-    samples = [trainer.parts.processor(conversation(i, words), i) for i, words in enumerate([1, 12, 2, 30, 1, 7, 3, 9])]
-    reference = gradients_with_micro_batch(trainer, samples, 8)
-    first_block = [n for n in reference if is_adapter(n) and ".layers.0." in n]
-    assert first_block  # the gradient reaches the first block's adapters through every quantized layer above it
-    for micro in (4, 1):
-        grads = gradients_with_micro_batch(trainer, samples, micro)
-        for name, grad in grads.items():
-            scale = reference[name].abs().max().clamp_min(1e-12)
-            assert ((grad - reference[name]).abs().max() / scale) < 1e-6, (micro, name)
+    reference = split_gradients_agree(tmp_path, *QLORA)
+    assert [n for n in reference if is_adapter(n) and ".layers.0." in n]  # through every quantized layer above
 
 
 def test_activation_checkpointing_gives_the_same_adapter_gradient_through_the_quantized_base(tmp_path):
-    exact = [*QLORA, "train.global_batch_size=4", "train.lora.dropout=0"]
-    plain = make_trainer(tmp_path / "plain", *exact)
-    recomputed = make_trainer(tmp_path / "recomputed", *exact, "train.activation_checkpointing=true")
-    samples = [plain.parts.processor(conversation(i, words), i) for i, words in enumerate([1, 12, 2, 30])]
-    reference = gradients_with_micro_batch(plain, samples, 4)
-    grads = gradients_with_micro_batch(recomputed, samples, 4)
-    assert grads.keys() == reference.keys() and any(is_adapter(n) for n in grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    recomputed_gradients_agree(tmp_path, *QLORA)
 
 
-def test_an_8bit_base_trains_its_adapters_and_stays_bitwise(tmp_path):
+def test_an_8bit_base_trains_its_adapters_stays_bitwise_and_exports_within_int8_rounding(tmp_path):
     trainer = make_trainer(tmp_path, *LORA, *RUN, "train.lora.quantize_base=8bit", "train.max_steps=1")
     model = trainer.unwrapped
     quantized = [m for m in model.lm.modules() if is_quantized(m)]
@@ -159,6 +146,13 @@ def test_an_8bit_base_trains_its_adapters_and_stays_bitwise(tmp_path):
     trainer.fit()
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad} and changed
+    batch = batch_of(trainer.parts, [trainer.parts.val_set[i] for i in range(3)])
+    trained_logits = logits(model, batch)
+    assert export_main([f"checkpoint={tmp_path / 'checkpoints' / 'final'}", f"output_dir={tmp_path / 'merged'}"]) == 0
+    merged = logits(load_pretrained(tmp_path / "merged").model, batch)
+    # LLM.int8() rounds the activations too, which no plain model does: close (measured 0.3% of the largest logit),
+    # not equal as 4 bits are.
+    assert (merged - trained_logits).abs().max() < 0.01 * trained_logits.abs().max()
 
 
 @pytest.mark.parametrize(
